@@ -1,0 +1,28 @@
+// The `lycoris` command line tool. Subcommands: cli/<name>.cpp, listed in commands.hpp.
+// Every error becomes one line on stderr and a non-zero exit.
+#include <CLI/CLI.hpp>
+
+#include <exception>
+#include <iostream>
+
+#include "commands.hpp"
+#include "lycoris/error.hpp"
+
+int main(int argc, char** argv) {
+  CLI::App app{"lycoris: inspect, merge, extract, resize and convert LyCORIS adapters"};
+  app.require_subcommand(1);
+  lycoris::cli::register_info(app);
+  lycoris::cli::register_merge(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const lycoris::Error& e) {
+    std::cerr << "lycoris: error: " << e.what() << "\n";
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "lycoris: error: " << e.what() << "\n";
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,61 @@
+// The one interface every algorithm implements (modules/<algo>.cpp), used by the network, merge,
+// info and the CLI. An adapter is a torch::nn::Module holding the algorithm's tensors as parameters:
+// created fresh for training (Algorithm::create) or loaded from a file (Algorithm::load).
+#pragma once
+#include <torch/nn/module.h>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "lycoris/layer.hpp"
+#include "lycoris/options.hpp"
+
+namespace lycoris {
+
+// suffix (e.g. "lora_up.weight") → tensor, for one module of an adapter file.
+using TensorMap = std::map<std::string, torch::Tensor>;
+// Ordered (suffix, tensor) pairs: the order the reference writes a module's keys in (FORMAT.md §6).
+using NamedTensors = std::vector<std::pair<std::string, torch::Tensor>>;
+
+class AdapterImpl : public torch::nn::Module {
+ public:
+  AdapterImpl(std::string algo, LayerSpec layer, AdapterOptions options);
+
+  const std::string& algo() const { return algo_; }
+  const LayerSpec& layer() const { return layer_; }
+  const AdapterOptions& options() const { return options_; }
+
+  // W' = the layer's weight with this adapter applied at multiplier m (FORMAT.md §4.2: W + m·ΔW for
+  // additive algorithms; DoRA, (IA)^3, OFT/BOFT as specified). Differentiable in the adapter's
+  // parameters; dropouts act only in training mode. Math in fp32 (or wider if W is wider); the result
+  // has W's dtype and device.
+  virtual torch::Tensor apply_weight(const torch::Tensor& W, double m) = 0;
+  // b' at multiplier m; `b` may be undefined (layer without bias). Default: unchanged.
+  virtual torch::Tensor apply_bias(const torch::Tensor& b, double m) { return b; }
+  // The adapted layer's output for input x without materialising ΔW where the algorithm allows it.
+  // Must equal layer_forward(x, layer(), apply_weight(W, m), apply_bias(b, m)).
+  // Default: exactly that (materialising).
+  virtual torch::Tensor bypass_forward(const torch::Tensor& x, const torch::Tensor& W, const torch::Tensor& b,
+                                       double m);
+  // The module's tensors as the reference writes them (suffixes, shapes, key order of FORMAT.md §6;
+  // use_scalar folded in), detached.
+  virtual NamedTensors file_tensors() const = 0;
+  // Rank of the low-rank factors (0 when the algorithm has none) and the stored alpha (NaN if none).
+  virtual int64_t rank() const { return 0; }
+  virtual double alpha() const;
+
+  // Training hook called once per optimizer step by the network (DyLoRA picks its rank block here).
+  virtual void on_step() {}
+
+ protected:
+  std::string algo_;
+  LayerSpec layer_;
+  AdapterOptions options_;
+};
+
+using AdapterPtr = std::shared_ptr<AdapterImpl>;
+
+}  // namespace lycoris

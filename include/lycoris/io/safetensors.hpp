@@ -1,0 +1,89 @@
+// safetensors reading (mmap, zero-copy, validated) and writing (streaming, atomic).
+// Format: 8-byte little-endian header length N, N bytes of JSON header, then the data buffer.
+#pragma once
+#include <torch/types.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "lycoris/io/header.hpp"
+
+namespace lycoris::io {
+
+// torch dtype of a safetensors dtype (F8 types: FormatError unless converted on read).
+torch::ScalarType to_torch(DType dtype);
+// safetensors dtype of a torch dtype; FormatError for types safetensors cannot store.
+DType from_torch(torch::ScalarType type);
+
+// A validated, memory-mapped safetensors file. Cheap to copy (shared mapping).
+// Tensors returned by tensor() are zero-copy views of the mapping (read-only memory: do not write
+// into them) and keep the mapping alive after the SafetensorsFile is gone.
+class SafetensorsFile {
+ public:
+  // mmap + full header validation (FormatError "<path>: <reason>"); IOError if it cannot be opened.
+  static SafetensorsFile open(const std::string& path);
+
+  const std::string& path() const;
+  const Header& header() const;  // tensors in file order, metadata
+  const std::vector<TensorInfo>& tensors() const { return header().tensors; }
+  const std::map<std::string, std::string>& metadata() const { return header().metadata; }
+  bool contains(const std::string& name) const;
+  const TensorInfo& info(const std::string& name) const;  // KeyError naming the file if absent
+  std::vector<std::string> names() const;                 // in file (offset) order
+
+  // Zero-copy CPU tensor backed by the mapping.
+  torch::Tensor tensor(const std::string& name) const;
+  // Converted copy (or view when dtype and device already match and copy is false).
+  torch::Tensor tensor(const std::string& name, torch::ScalarType dtype, torch::Device device = torch::kCPU) const;
+  // Every tensor (zero-copy), by name.
+  std::map<std::string, torch::Tensor> all() const;
+  // Raw bytes of a tensor inside the mapping.
+  const uint8_t* data(const TensorInfo& info) const;
+  uint64_t file_size() const;
+
+ private:
+  struct Mapping;
+  std::shared_ptr<Mapping> map_;
+};
+
+struct TensorDecl {
+  std::string name;
+  DType dtype;
+  std::vector<int64_t> shape;
+};
+
+// Streaming, atomic writer: declare every tensor up front (the header needs all shapes), then write
+// each tensor's data in declaration order, then commit(). Data goes to "<path>.tmp-<pid>-<n>" in the
+// destination directory; commit() fsyncs and renames it over `path`. If commit() is never reached
+// (error, exception, kill) the destination is untouched and the destructor removes the temporary file.
+// Header: keys sorted like the reference writer (by dtype alignment then name is NOT required; we write
+// in declaration order), padded with spaces to a multiple of 8 bytes.
+class SafetensorsWriter {
+ public:
+  SafetensorsWriter(std::string path, std::vector<TensorDecl> tensors,
+                    std::map<std::string, std::string> metadata = {});
+  ~SafetensorsWriter();
+  SafetensorsWriter(const SafetensorsWriter&) = delete;
+  SafetensorsWriter& operator=(const SafetensorsWriter&) = delete;
+
+  // Write the next declared tensor (name must match the next declaration; dtype/shape must match;
+  // the tensor may live on any device and need not be contiguous).
+  void write(const std::string& name, const torch::Tensor& tensor);
+  // Raw bytes of the next declared tensor (exact byte length).
+  void write_bytes(const std::string& name, const void* data, uint64_t size);
+  void commit();
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+};
+
+// Convenience: write all tensors (in the given order) atomically.
+void save_file(const std::string& path, const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+               const std::map<std::string, std::string>& metadata = {});
+
+}  // namespace lycoris::io

@@ -1,0 +1,19 @@
+#include "lycoris/adapter.hpp"
+
+#include <torch/torch.h>
+
+#include <limits>
+
+namespace lycoris {
+
+AdapterImpl::AdapterImpl(std::string algo, LayerSpec layer, AdapterOptions options)
+    : algo_(std::move(algo)), layer_(std::move(layer)), options_(std::move(options)) {}
+
+torch::Tensor AdapterImpl::bypass_forward(const torch::Tensor& x, const torch::Tensor& W, const torch::Tensor& b,
+                                          double m) {
+  return layer_forward(x, layer_, apply_weight(W, m), apply_bias(b, m));
+}
+
+double AdapterImpl::alpha() const { return std::numeric_limits<double>::quiet_NaN(); }
+
+}  // namespace lycoris

@@ -1,0 +1,55 @@
+// The algorithm registry: the only place that lists every algorithm. Each entry is defined next to
+// its adapter module (src/modules/<algo>.cpp). Order = the reference's detection order (FORMAT.md §3).
+#include "lycoris/algorithms.hpp"
+
+#include "lycoris/error.hpp"
+
+namespace lycoris {
+
+Algorithm lora_algorithm();      // modules/lora.cpp   (LoRA/LoCon, also reads DyLoRA files)
+Algorithm loha_algorithm();      // modules/loha.cpp
+Algorithm ia3_algorithm();       // modules/ia3.cpp
+Algorithm lokr_algorithm();      // modules/lokr.cpp
+Algorithm full_algorithm();      // modules/full.cpp
+Algorithm norm_algorithm();      // modules/norm.cpp
+Algorithm diag_oft_algorithm();  // modules/diag_oft.cpp
+Algorithm boft_algorithm();      // modules/boft.cpp
+Algorithm glora_algorithm();     // modules/glora.cpp
+Algorithm dylora_algorithm();    // modules/dylora.cpp (never detected: its files are LoRA files)
+
+const std::vector<Algorithm>& algorithms() {
+  static const std::vector<Algorithm> all = {
+      lora_algorithm(), loha_algorithm(),     ia3_algorithm(),  lokr_algorithm(),  full_algorithm(),
+      norm_algorithm(), diag_oft_algorithm(), boft_algorithm(), glora_algorithm(), dylora_algorithm(),
+  };
+  return all;
+}
+
+const Algorithm& find_algorithm(const std::string& name) {
+  std::string known;
+  for (const auto& a : algorithms()) {
+    if (a.name == name) return a;
+    for (const auto& alias : a.aliases)
+      if (alias == name) return a;
+    known += (known.empty() ? "" : ", ") + a.name;
+  }
+  throw OptionError("unknown algorithm '" + name + "' (known: " + known + ")");
+}
+
+const Algorithm* detect_algorithm(const TensorMap& module_tensors) {
+  for (const auto& a : algorithms())
+    if (a.detect && a.detect(module_tensors)) return &a;
+  return nullptr;
+}
+
+AdapterPtr load_adapter(const std::string& module, const TensorMap& module_tensors, const LayerSpec& layer) {
+  const Algorithm* a = detect_algorithm(module_tensors);
+  if (!a) {
+    std::string keys;
+    for (const auto& kv : module_tensors) keys += (keys.empty() ? "" : ", ") + kv.first;
+    throw KeyError(module + ": no known algorithm for keys {" + keys + "}");
+  }
+  return a->load(module, module_tensors, layer);
+}
+
+}  // namespace lycoris

@@ -1,0 +1,1 @@
+// safetensors dtype table (owned by io; see include/lycoris/io/dtype.hpp)

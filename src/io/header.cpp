@@ -1,0 +1,1 @@
+// safetensors header parser (no torch)

@@ -1,0 +1,1 @@
+// Object file that carries the shared precompiled header.

@@ -1,0 +1,3 @@
+// Precompiled header: the heavy torch include, compiled once per target.
+#pragma once
+#include <torch/torch.h>
