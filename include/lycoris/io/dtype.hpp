@@ -1,6 +1,12 @@
 // The dtype table: safetensors dtype name ⇄ enum ⇄ item size (torch mapping in io/safetensors.hpp).
+//
+// F8_E4M3 (float8 e4m3fn: bias 7, no infinities, S.1111.111 = NaN) and F8_E5M2 (bias 15, IEEE-like
+// infinities/NaN) have no torch dtype in the libtorch we target: they are decoded exactly (subnormals,
+// NaN, ±0 included) to F32 on read (SafetensorsFile::tensor returns an F32 copy) and cannot be written
+// from a torch tensor (raw copies with SafetensorsWriter::write_bytes still work).
 #pragma once
 #include <cstddef>
+#include <cstdint>
 #include <string>
 
 namespace lycoris::io {
@@ -11,5 +17,9 @@ const char* dtype_name(DType d);  // "F16"
 size_t item_size(DType d);
 // Parses a safetensors dtype name; returns false if unknown.
 bool parse_dtype(const std::string& name, DType& out);
+
+// Exact decoding of one float8 byte to float (every value of both formats is representable in F32).
+float f8_e4m3_to_f32(uint8_t byte);
+float f8_e5m2_to_f32(uint8_t byte);
 
 }  // namespace lycoris::io

@@ -35,10 +35,14 @@ class SafetensorsFile {
   const TensorInfo& info(const std::string& name) const;  // KeyError naming the file if absent
   std::vector<std::string> names() const;                 // in file (offset) order
 
-  // Zero-copy CPU tensor backed by the mapping.
+  // Zero-copy CPU tensor backed by the mapping. Exceptions (always an owning CPU copy instead): data not
+  // aligned to the item size (data_offsets need not be aligned), F8 dtypes (decoded to F32), empty
+  // tensors. BOOL bytes other than 0/1 are a FormatError.
   torch::Tensor tensor(const std::string& name) const;
-  // Converted copy (or view when dtype and device already match and copy is false).
-  torch::Tensor tensor(const std::string& name, torch::ScalarType dtype, torch::Device device = torch::kCPU) const;
+  // Converted to dtype/device: a copy, except a view of the mapping when dtype and device already match
+  // and copy is false (copy = true always gives a writable tensor of its own).
+  torch::Tensor tensor(const std::string& name, torch::ScalarType dtype, torch::Device device = torch::kCPU,
+                       bool copy = false) const;
   // Every tensor (zero-copy), by name.
   std::map<std::string, torch::Tensor> all() const;
   // Raw bytes of a tensor inside the mapping.

@@ -1,0 +1,342 @@
+// safetensors reading (mmap, validated header, zero-copy tensors) and streaming atomic writing.
+#include "lycoris/io/safetensors.hpp"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <limits>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <unordered_map>
+
+#include "lycoris/error.hpp"
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "safetensors data is little-endian; host must be too");
+
+namespace lycoris::io {
+
+namespace {
+
+std::string errno_text() { return std::strerror(errno); }
+
+std::vector<int64_t> to_sizes(const std::vector<int64_t>& shape) { return shape; }
+
+}  // namespace
+
+torch::ScalarType to_torch(DType dtype) {
+  switch (dtype) {
+    case DType::F64: return torch::kFloat64;
+    case DType::F32: return torch::kFloat32;
+    case DType::F16: return torch::kFloat16;
+    case DType::BF16: return torch::kBFloat16;
+    case DType::I64: return torch::kInt64;
+    case DType::I32: return torch::kInt32;
+    case DType::I16: return torch::kInt16;
+    case DType::I8: return torch::kInt8;
+    case DType::U8: return torch::kUInt8;
+    case DType::BOOL: return torch::kBool;
+    case DType::F8_E4M3:
+    case DType::F8_E5M2: break;
+  }
+  throw FormatError(std::string("dtype ") + dtype_name(dtype) + " has no torch dtype (it is decoded to F32 on read)");
+}
+
+DType from_torch(torch::ScalarType type) {
+  for (DType d : {DType::F64, DType::F32, DType::F16, DType::BF16, DType::I64, DType::I32, DType::I16, DType::I8,
+                  DType::U8, DType::BOOL})
+    if (to_torch(d) == type) return d;
+  throw FormatError(std::string("safetensors cannot store torch dtype ") + c10::toString(type));
+}
+
+// ------------------------------------------------------------------------------------------- reading
+
+struct SafetensorsFile::Mapping {
+  std::string path;
+  const uint8_t* base = nullptr;
+  size_t size = 0;
+  Header header;
+  std::unordered_map<std::string, size_t> index;
+  ~Mapping() {
+    if (base) munmap(const_cast<uint8_t*>(base), size);
+  }
+};
+
+SafetensorsFile SafetensorsFile::open(const std::string& path) {
+  auto m = std::make_shared<Mapping>();
+  m->path = path;
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw IOError(path + ": cannot open: " + errno_text());
+  struct stat st {};
+  if (fstat(fd, &st) != 0) {
+    std::string e = errno_text();
+    ::close(fd);
+    throw IOError(path + ": cannot stat: " + e);
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw IOError(path + ": not a regular file");
+  }
+  m->size = static_cast<size_t>(st.st_size);
+  if (m->size > 0) {
+    // Read-only private mapping: tensors are views of it and can never write back into the file.
+    void* p = mmap(nullptr, m->size, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (p == MAP_FAILED) {
+      std::string e = errno_text();
+      ::close(fd);
+      throw IOError(path + ": cannot mmap: " + e);
+    }
+    m->base = static_cast<const uint8_t*>(p);
+  }
+  ::close(fd);  // the mapping stays valid without the descriptor
+  m->header = parse_header(m->base, m->size, path);
+  for (size_t i = 0; i < m->header.tensors.size(); ++i) m->index.emplace(m->header.tensors[i].name, i);
+  SafetensorsFile f;
+  f.map_ = std::move(m);
+  return f;
+}
+
+const std::string& SafetensorsFile::path() const { return map_->path; }
+const Header& SafetensorsFile::header() const { return map_->header; }
+uint64_t SafetensorsFile::file_size() const { return map_->size; }
+bool SafetensorsFile::contains(const std::string& name) const { return map_->index.count(name) > 0; }
+
+const TensorInfo& SafetensorsFile::info(const std::string& name) const {
+  auto it = map_->index.find(name);
+  if (it == map_->index.end()) throw KeyError(map_->path + ": no tensor named '" + printable(name) + "'");
+  return map_->header.tensors[it->second];
+}
+
+std::vector<std::string> SafetensorsFile::names() const {
+  std::vector<std::string> out;
+  out.reserve(map_->header.tensors.size());
+  for (const auto& t : map_->header.tensors) out.push_back(t.name);
+  return out;
+}
+
+const uint8_t* SafetensorsFile::data(const TensorInfo& info) const {
+  return map_->base + map_->header.data_start + info.begin;
+}
+
+torch::Tensor SafetensorsFile::tensor(const std::string& name) const {
+  const TensorInfo& t = info(name);
+  const uint8_t* p = data(t);
+  const auto sizes = to_sizes(t.shape);
+  const int64_t n = static_cast<int64_t>(t.numel());
+  if (t.dtype == DType::F8_E4M3 || t.dtype == DType::F8_E5M2) {
+    auto out = torch::empty(sizes, torch::kFloat32);
+    float* o = out.data_ptr<float>();
+    auto decode = t.dtype == DType::F8_E4M3 ? f8_e4m3_to_f32 : f8_e5m2_to_f32;
+    for (int64_t i = 0; i < n; ++i) o[i] = decode(p[i]);
+    return out;
+  }
+  const auto type = to_torch(t.dtype);
+  if (t.dtype == DType::BOOL) {
+    // torch assumes bool bytes are 0/1; anything else is undefined behaviour downstream.
+    for (int64_t i = 0; i < n; ++i)
+      if (p[i] > 1)
+        throw FormatError(map_->path + ": tensor '" + printable(name) + "': BOOL element " + std::to_string(i) +
+                          " has byte value " + std::to_string(p[i]) + " (must be 0 or 1)");
+  }
+  if (n == 0) return torch::empty(sizes, type);
+  if (reinterpret_cast<uintptr_t>(p) % item_size(t.dtype) != 0) {
+    // data_offsets need not be aligned: give an aligned copy rather than a misaligned view.
+    auto out = torch::empty(sizes, type);
+    std::memcpy(out.data_ptr(), p, t.nbytes());
+    return out;
+  }
+  std::shared_ptr<Mapping> keep = map_;
+  return torch::from_blob(const_cast<uint8_t*>(p), sizes, [keep](void*) {}, torch::TensorOptions().dtype(type));
+}
+
+torch::Tensor SafetensorsFile::tensor(const std::string& name, torch::ScalarType dtype, torch::Device device,
+                                      bool copy) const {
+  return tensor(name).to(device, dtype, /*non_blocking=*/false, copy);
+}
+
+std::map<std::string, torch::Tensor> SafetensorsFile::all() const {
+  std::map<std::string, torch::Tensor> out;
+  for (const auto& t : map_->header.tensors) out.emplace(t.name, tensor(t.name));
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------- writing
+
+struct SafetensorsWriter::State {
+  std::string path, tmp;
+  int fd = -1;
+  std::vector<TensorDecl> decls;
+  std::vector<uint64_t> sizes;  // bytes per declared tensor
+  size_t next = 0;
+  bool committed = false, failed = false;
+
+  [[noreturn]] void io_fail(const std::string& what) {
+    failed = true;
+    throw IOError(path + ": " + what + " (temporary file " + tmp + "): " + errno_text());
+  }
+  void write_all(const void* data, uint64_t n) {
+    const char* p = static_cast<const char*>(data);
+    while (n > 0) {
+      ssize_t w = ::write(fd, p, std::min<uint64_t>(n, 1u << 30));
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        io_fail("write failed");
+      }
+      p += w;
+      n -= static_cast<uint64_t>(w);
+    }
+  }
+  // The next declared tensor, checking the writer is usable and the name matches.
+  const TensorDecl& expect(const std::string& name) {
+    if (committed) throw Error(path + ": SafetensorsWriter: write after commit");
+    if (failed) throw Error(path + ": SafetensorsWriter: write after a failed write");
+    if (next >= decls.size())
+      throw KeyError(path + ": tensor '" + printable(name) + "': all " + std::to_string(decls.size()) +
+                     " declared tensors are already written");
+    if (decls[next].name != name)
+      throw KeyError(path + ": tensor '" + printable(name) + "': written out of order (expected '" +
+                     printable(decls[next].name) + "' next)");
+    return decls[next];
+  }
+};
+
+namespace {
+
+std::string json_string(const std::string& s, const std::string& path, const std::string& what) {
+  try {
+    return nlohmann::json(s).dump();
+  } catch (const nlohmann::json::exception&) {
+    throw FormatError(path + ": " + what + " '" + printable(s) + "' is not valid UTF-8");
+  }
+}
+
+}  // namespace
+
+SafetensorsWriter::SafetensorsWriter(std::string path, std::vector<TensorDecl> tensors,
+                                     std::map<std::string, std::string> metadata)
+    : state_(std::make_unique<State>()) {
+  State& s = *state_;
+  s.path = std::move(path);
+  s.decls = std::move(tensors);
+
+  // Header from the declarations: metadata first, then the tensors in declaration order, packed.
+  std::string h = "{";
+  if (!metadata.empty()) {
+    h += "\"__metadata__\":{";
+    bool first = true;
+    for (const auto& kv : metadata) {
+      h += (first ? "" : ",") + json_string(kv.first, s.path, "metadata key") + ":" +
+           json_string(kv.second, s.path, "metadata value");
+      first = false;
+    }
+    h += "}";
+  }
+  std::set<std::string> seen;
+  uint64_t offset = 0;
+  for (const auto& d : s.decls) {
+    const std::string where = s.path + ": tensor '" + printable(d.name) + "': ";
+    if (d.name == "__metadata__") throw FormatError(where + "reserved name");
+    if (!seen.insert(d.name).second) throw FormatError(where + "declared twice");
+    uint64_t n = item_size(d.dtype);
+    std::string shape;
+    for (int64_t dim : d.shape) {
+      if (dim < 0) throw ShapeError(where + "negative dimension " + std::to_string(dim));
+      if (__builtin_mul_overflow(n, static_cast<uint64_t>(dim), &n) ||
+          n > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
+        throw ShapeError(where + "byte size overflows 64 bits");
+      shape += (shape.empty() ? "" : ",") + std::to_string(dim);
+    }
+    s.sizes.push_back(n);
+    h += (h.size() > 1 ? "," : "") + json_string(d.name, s.path, "tensor name") + ":{\"dtype\":\"" +
+         dtype_name(d.dtype) + "\",\"shape\":[" + shape + "],\"data_offsets\":[" + std::to_string(offset) + "," +
+         std::to_string(offset + n) + "]}";
+    offset += n;
+  }
+  h += "}";
+  h.append((8 - h.size() % 8) % 8, ' ');  // data starts 8-byte aligned
+  if (h.size() > kMaxHeaderSize) throw FormatError(s.path + ": header: too large (" + std::to_string(h.size()) + " bytes)");
+
+  static std::atomic<unsigned> counter{0};
+  s.tmp = s.path + ".tmp-" + std::to_string(getpid()) + "-" + std::to_string(counter++);
+  s.fd = ::open(s.tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+  if (s.fd < 0) throw IOError(s.path + ": cannot create temporary file " + s.tmp + ": " + errno_text());
+  uint8_t len[8];
+  for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(static_cast<uint64_t>(h.size()) >> (8 * i));
+  s.write_all(len, 8);
+  s.write_all(h.data(), h.size());
+}
+
+SafetensorsWriter::~SafetensorsWriter() {
+  if (!state_) return;
+  if (state_->fd >= 0) ::close(state_->fd);
+  if (!state_->committed) ::unlink(state_->tmp.c_str());
+}
+
+void SafetensorsWriter::write(const std::string& name, const torch::Tensor& tensor) {
+  State& s = *state_;
+  const TensorDecl& d = s.expect(name);
+  const std::string where = s.path + ": tensor '" + printable(name) + "': ";
+  if (!tensor.defined()) throw ShapeError(where + "undefined tensor");
+  if (d.dtype == DType::F8_E4M3 || d.dtype == DType::F8_E5M2)
+    throw FormatError(where + dtype_name(d.dtype) + " can only be written with write_bytes");
+  if (tensor.scalar_type() != to_torch(d.dtype))
+    throw ShapeError(where + "declared " + dtype_name(d.dtype) + " but got " + c10::toString(tensor.scalar_type()));
+  if (tensor.sizes() != torch::IntArrayRef(d.shape))
+    throw ShapeError(where + "declared shape " + c10::str(torch::IntArrayRef(d.shape)) + " but got " +
+                     c10::str(tensor.sizes()));
+  auto t = tensor.detach().to(torch::kCPU).contiguous();
+  s.write_all(t.data_ptr(), s.sizes[s.next]);
+  ++s.next;
+}
+
+void SafetensorsWriter::write_bytes(const std::string& name, const void* data, uint64_t size) {
+  State& s = *state_;
+  s.expect(name);
+  if (size != s.sizes[s.next])
+    throw ShapeError(s.path + ": tensor '" + printable(name) + "': " + std::to_string(size) +
+                     " bytes given, declaration needs " + std::to_string(s.sizes[s.next]));
+  s.write_all(data, size);
+  ++s.next;
+}
+
+void SafetensorsWriter::commit() {
+  State& s = *state_;
+  if (s.committed) return;
+  if (s.failed) throw Error(s.path + ": SafetensorsWriter: commit after a failed write");
+  if (s.next != s.decls.size())
+    throw KeyError(s.path + ": only " + std::to_string(s.next) + " of " + std::to_string(s.decls.size()) +
+                   " declared tensors were written (next: '" + printable(s.decls[s.next].name) + "')");
+  if (fsync(s.fd) != 0) s.io_fail("fsync failed");
+  int fd = s.fd;
+  s.fd = -1;
+  if (::close(fd) != 0) s.io_fail("close failed");
+  if (std::rename(s.tmp.c_str(), s.path.c_str()) != 0) s.io_fail("rename failed");
+  s.committed = true;
+  // Make the rename itself durable.
+  std::string dir = s.path.find('/') == std::string::npos ? "." : s.path.substr(0, s.path.rfind('/'));
+  if (dir.empty()) dir = "/";
+  int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    fsync(dfd);
+    ::close(dfd);
+  }
+}
+
+void save_file(const std::string& path, const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+               const std::map<std::string, std::string>& metadata) {
+  std::vector<TensorDecl> decls;
+  for (const auto& kv : tensors) {
+    if (!kv.second.defined())
+      throw ShapeError(path + ": tensor '" + printable(kv.first) + "': undefined tensor");
+    decls.push_back({kv.first, from_torch(kv.second.scalar_type()), kv.second.sizes().vec()});
+  }
+  SafetensorsWriter w(path, std::move(decls), metadata);
+  for (const auto& kv : tensors) w.write(kv.first, kv.second);
+  w.commit();
+}
+
+}  // namespace lycoris::io
