@@ -3,8 +3,10 @@
 #include <torch/types.h>
 
 #include <string>
+#include <vector>
 
 #include "lycoris/adapter.hpp"
+#include "lycoris/layer.hpp"
 
 namespace lycoris::functional {
 
@@ -28,3 +30,41 @@ torch::Tensor to_compute(const torch::Tensor& t, const torch::Tensor& like);
 std::string shape_str(torch::IntArrayRef shape);
 
 }  // namespace lycoris::functional
+
+namespace lycoris::functional {
+
+// --- ops shared by the low-rank algorithms' bypass paths (no bias, groups 1) ---
+// The host layer's own op with weight w (linear, or convNd with the host's stride, padding, dilation).
+torch::Tensor host_op(const torch::Tensor& x, const LayerSpec& layer, const torch::Tensor& w);
+// A pointwise projection with a 2-D weight (out, in): linear on the last axis, or a 1×…×1 convNd with
+// stride 1 and no padding on the channel axis for conv layers.
+torch::Tensor pointwise_op(const torch::Tensor& x, const LayerSpec& layer, const torch::Tensor& w2d);
+// A 2-D matrix (out, in) viewed as a weight of `ndim` dims with trailing singleton axes: (out, in, 1, …).
+torch::Tensor with_unit_kernel(const torch::Tensor& w2d, int64_t ndim);
+
+// --- training-time dropouts (TRAINING.md §3) ---
+// True when module dropout skips the adapter for this call: training and one uniform u < p.
+bool module_dropped(double module_dropout, bool training);
+// 0/1 keep mask of n entries, keep iff u > p (u uniform per entry); with `rescale` divided by its mean
+// (an all-zero mask stays zero instead of becoming 0/0, QUIRKS Q47).
+torch::Tensor keep_mask(int64_t n, double p, bool rescale, const torch::TensorOptions& options);
+// ΔW with whole output rows dropped (the reference's rebuild-mode "rank dropout", QUIRKS Q26).
+torch::Tensor drop_rows(const torch::Tensor& dw, double p, bool rescale);
+
+}  // namespace lycoris::functional
+
+namespace lycoris::functional {
+
+// --- loading helpers ---
+// KeyError "<module>: unknown key(s) 'k', … for <algo> (allowed: …)" when a key is not in `allowed`.
+void expect_keys(const TensorMap& tensors, const std::vector<std::string>& allowed, const std::string& module,
+                 const std::string& algo);
+// Empty when an additive weight algorithm can wrap the layer (Linear or Conv1d/2d/3d with groups 1),
+// otherwise the reason (grouped convs are rejected, QUIRKS Q45).
+std::string unsupported_layer(const LayerSpec& layer);
+// A writable copy of a file tensor as a parameter value: fp64 stays fp64, every other dtype becomes fp32
+// (as the reference copies into fp32 parameters).
+torch::Tensor owned_float(const torch::Tensor& t);
+
+}  // namespace lycoris::functional
+

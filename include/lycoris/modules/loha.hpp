@@ -1,0 +1,36 @@
+// LoHa adapter module (FORMAT.md §5.2, TRAINING.md §4.2).
+#pragma once
+#include <torch/nn/pimpl.h>
+
+#include "lycoris/functional/loha.hpp"
+#include "lycoris/modules/lora.hpp"
+
+namespace lycoris {
+
+class LoHaImpl : public LowRankAdapter {
+ public:
+  // A fresh adapter for training: reference initialisation (ΔW = 0), OptionError on invalid options.
+  LoHaImpl(LayerSpec layer, AdapterOptions options);
+  // From stored factors (already validated); scale = alpha / hada_w1_b.size(0).
+  LoHaImpl(LayerSpec layer, AdapterOptions options, functional::loha::Weights weights, double alpha,
+           torch::Tensor dora_scale = {});
+
+  NamedTensors file_tensors() const override;
+  int64_t rank() const override { return hada_w1_b.size(0); }
+
+  torch::Tensor hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b, hada_t1, hada_t2;  // t1/t2 only with Tucker
+
+ protected:
+  torch::Tensor raw_diff() override;
+  torch::Tensor raw_bypass(const torch::Tensor& x, double m) override;
+
+ private:
+  void setup(functional::loha::Weights w, torch::Tensor dora_scale);
+  functional::loha::Weights weights() const;  // scalar folded into w1a
+};
+TORCH_MODULE(LoHa);
+
+// Registry entry (FORMAT.md §3 marker `hada_w1_a`).
+Algorithm loha_algorithm();
+
+}  // namespace lycoris

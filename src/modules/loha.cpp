@@ -1,0 +1,141 @@
+#include "lycoris/modules/loha.hpp"
+
+#include <torch/torch.h>
+
+#include "lycoris/error.hpp"
+#include "lycoris/functional/common.hpp"
+#include "lycoris/functional/dora.hpp"
+
+namespace lycoris {
+
+namespace F = functional;
+
+LoHaImpl::LoHaImpl(LayerSpec layer, AdapterOptions options) : LowRankAdapter("loha", std::move(layer), std::move(options)) {
+  check_low_rank_options(layer_, options_, "loha");
+  alpha_ = stored_alpha(options_);
+  setup(F::loha::init_weights(layer_, options_.rank(), options_.tucker(), options_.use_scalar()), {});
+}
+
+LoHaImpl::LoHaImpl(LayerSpec layer, AdapterOptions options, F::loha::Weights w, double alpha, torch::Tensor ds)
+    : LowRankAdapter("loha", std::move(layer), std::move(options)) {
+  alpha_ = alpha;
+  options_.use_scalar(false).rs_lora(false).dora(false);
+  setup(std::move(w), std::move(ds));
+  options_.rank(rank()).alpha(alpha_).tucker(hada_t1.defined()).dora(dora_scale.defined());
+  if (dora_scale.defined()) options_.wd_on_out(F::dora::on_out(dora_scale, layer_.weight_shape(), "loha"));
+}
+
+void LoHaImpl::setup(F::loha::Weights w, torch::Tensor ds) {
+  hada_w1_a = register_parameter("hada_w1_a", w.w1a);
+  hada_w1_b = register_parameter("hada_w1_b", w.w1b);
+  hada_w2_a = register_parameter("hada_w2_a", w.w2a);
+  hada_w2_b = register_parameter("hada_w2_b", w.w2b);
+  if (w.t1.defined()) {
+    hada_t1 = register_parameter("hada_t1", w.t1);
+    hada_t2 = register_parameter("hada_t2", w.t2);
+  }
+  setup_common(w.w1a.options(), std::move(ds));
+}
+
+F::loha::Weights LoHaImpl::weights() const {
+  return {hada_w1_a * scalar, hada_w1_b, hada_w2_a, hada_w2_b, hada_t1, hada_t2};
+}
+
+torch::Tensor LoHaImpl::raw_diff() { return F::loha::diff_weight(layer_, weights(), scale()); }
+
+torch::Tensor LoHaImpl::raw_bypass(const torch::Tensor& x, double m) {
+  auto w = weights();
+  if (!F::loha::bypass_is_cheaper(layer_, w)) return {};  // materialise instead
+  return drop_out_channels(F::loha::bypass_diff(x, layer_, w, scale() * m));
+}
+
+NamedTensors LoHaImpl::file_tensors() const {
+  NamedTensors out;
+  out.emplace_back("alpha", torch::scalar_tensor(alpha_, torch::kFloat32));
+  if (dora_scale.defined()) out.emplace_back("dora_scale", dora_scale.detach());
+  out.emplace_back("hada_w1_a", (hada_w1_a * scalar).detach());
+  out.emplace_back("hada_w1_b", hada_w1_b.detach());
+  out.emplace_back("hada_w2_a", hada_w2_a.detach());
+  out.emplace_back("hada_w2_b", hada_w2_b.detach());
+  if (hada_t1.defined()) {
+    out.emplace_back("hada_t1", hada_t1.detach());
+    out.emplace_back("hada_t2", hada_t2.detach());
+  }
+  return out;
+}
+
+namespace {
+
+AdapterPtr load_loha(const std::string& module, const TensorMap& t, const LayerSpec& layer) {
+  F::expect_keys(t, {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha", "dora_scale"},
+                 module, "loha");
+  if (auto why = F::unsupported_layer(layer); !why.empty()) throw ShapeError(module + ": " + why);
+  const auto& w1a = F::require(t, "hada_w1_a", module);
+  const auto& w1b = F::require(t, "hada_w1_b", module);
+  const auto& w2a = F::require(t, "hada_w2_a", module);
+  const auto& w2b = F::require(t, "hada_w2_b", module);
+  const int64_t O = layer.out_features, I = layer.in_features, k = layer.kernel_numel();
+  const bool tucker = t.count("hada_t1") || t.count("hada_t2");
+  auto rank_of = [&](const torch::Tensor& b, const char* key) {
+    if (b.dim() != 2) throw ShapeError(module + "." + key + ": expected 2 dims, got " + F::shape_str(b.sizes()));
+    return b.size(0);
+  };
+  const int64_t r1 = rank_of(w1b, "hada_w1_b"), r2 = rank_of(w2b, "hada_w2_b");
+  F::loha::Weights w;
+  if (tucker) {
+    if (!layer.is_conv()) throw ShapeError(module + ".hada_t1: Tucker factors on a non-conv layer " + layer.describe());
+    const auto& t1 = F::require(t, "hada_t1", module);
+    const auto& t2 = F::require(t, "hada_t2", module);
+    auto core = [&](int64_t r) {
+      std::vector<int64_t> s{r, r};
+      s.insert(s.end(), layer.kernel.begin(), layer.kernel.end());
+      return s;
+    };
+    const std::string why = "Tucker LoHa on " + layer.describe();
+    F::expect_shape(w1b, {r1, I}, module, "hada_w1_b", why);
+    F::expect_shape(w1a, {r1, O}, module, "hada_w1_a", why + ", rank " + std::to_string(r1));
+    F::expect_shape(t1, core(r1), module, "hada_t1", why + ", rank " + std::to_string(r1));
+    F::expect_shape(w2b, {r2, I}, module, "hada_w2_b", why);
+    F::expect_shape(w2a, {r2, O}, module, "hada_w2_a", why + ", rank " + std::to_string(r2));
+    F::expect_shape(t2, core(r2), module, "hada_t2", why + ", rank " + std::to_string(r2));
+    w.t1 = F::owned_float(t1);
+    w.t2 = F::owned_float(t2);
+  } else {
+    const std::string why = "LoHa on " + layer.describe();
+    F::expect_shape(w1b, {r1, I * k}, module, "hada_w1_b", why);
+    F::expect_shape(w1a, {O, r1}, module, "hada_w1_a", why + ", rank " + std::to_string(r1));
+    F::expect_shape(w2b, {r2, I * k}, module, "hada_w2_b", why);
+    F::expect_shape(w2a, {O, r2}, module, "hada_w2_a", why + ", rank " + std::to_string(r2));
+  }
+  w.w1a = F::owned_float(w1a);
+  w.w1b = F::owned_float(w1b);
+  w.w2a = F::owned_float(w2a);
+  w.w2b = F::owned_float(w2b);
+  torch::Tensor ds;
+  if (auto d = F::optional(t, "dora_scale"); d.defined()) {
+    F::dora::on_out(d, layer.weight_shape(), module);
+    ds = F::owned_float(d);
+  }
+  return std::make_shared<LoHaImpl>(layer, AdapterOptions().algo("loha"), w, read_alpha(t, module, r1), ds);
+}
+
+}  // namespace
+
+Algorithm loha_algorithm() {
+  Algorithm a;
+  a.name = "loha";
+  a.suffixes = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha", "dora_scale"};
+  a.detect = [](const TensorMap& t) { return t.count("hada_w1_a") > 0; };
+  a.load = load_loha;
+  a.create = [](const LayerSpec& layer, const AdapterOptions& o) -> AdapterPtr {
+    return std::make_shared<LoHaImpl>(layer, o);
+  };
+  a.rank = [](const TensorMap& t) -> int64_t {
+    auto b = F::optional(t, "hada_w1_b");
+    return b.defined() && b.dim() > 0 ? b.size(0) : 0;
+  };
+  a.supports = [](const LayerSpec& layer) { return F::unsupported_layer(layer).empty(); };
+  return a;
+}
+
+}  // namespace lycoris
