@@ -1,0 +1,67 @@
+#include "lycoris/modules/ia3.hpp"
+
+#include <torch/torch.h>
+
+#include "lycoris/algorithms.hpp"
+#include "lycoris/error.hpp"
+#include "lycoris/functional/common.hpp"
+#include "lycoris/functional/ia3.hpp"
+
+namespace lycoris {
+
+namespace fn = functional;
+
+IA3Impl::IA3Impl(const LayerSpec& layer, const AdapterOptions& options)
+    : AdapterImpl("ia3", layer, options), on_input_(options.train_on_input()) {
+  weight = register_parameter("weight", fn::ia3::init_weights(layer, on_input_));
+}
+
+IA3Impl::IA3Impl(const LayerSpec& layer, const torch::Tensor& w, bool on_input)
+    : AdapterImpl("ia3", layer, AdapterOptions().algo("ia3").train_on_input(on_input)), on_input_(on_input) {
+  weight = register_parameter("weight", fn::owned_float(w));
+}
+
+torch::Tensor IA3Impl::apply_weight(const torch::Tensor& W, double m) {
+  if (fn::module_dropped(options_.module_dropout(), is_training())) return W;
+  return fn::ia3::apply_weight(W, weight, on_input_, m);
+}
+
+torch::Tensor IA3Impl::bypass_forward(const torch::Tensor& x, const torch::Tensor& W, const torch::Tensor& b,
+                                      double m) {
+  if (fn::module_dropped(options_.module_dropout(), is_training())) return layer_forward(x, layer_, W, b);
+  return fn::ia3::bypass_forward(x, layer_, W, b, weight, on_input_, m);
+}
+
+NamedTensors IA3Impl::file_tensors() const {
+  return {{"weight", weight.detach()},
+          {"on_input", torch::tensor(static_cast<int64_t>(on_input_), torch::kInt64)}};
+}
+
+Algorithm ia3_algorithm() {
+  Algorithm a;
+  a.name = "ia3";
+  a.aliases = {"(ia)^3"};
+  a.suffixes = {"on_input", "weight"};
+  a.detect = [](const TensorMap& t) { return t.count("on_input") > 0; };
+  a.load = [](const std::string& module, const TensorMap& t, const LayerSpec& layer) -> AdapterPtr {
+    if (auto why = fn::unsupported_layer(layer); !why.empty()) throw ShapeError(module + ": ia3: " + why);
+    fn::expect_keys(t, {"weight", "on_input"}, module, "ia3");
+    const double flag = fn::scalar_value(fn::require(t, "on_input", module), module, "on_input");
+    if (flag != 0 && flag != 1)
+      throw ShapeError(module + ".on_input: expected 0 or 1, got " + std::to_string(flag));
+    const bool on_input = flag == 1;
+    const auto& w = fn::require(t, "weight", module);
+    fn::expect_shape(w, fn::ia3::vector_shape(layer, on_input), module, "weight",
+                     std::string("one per ") + (on_input ? "input" : "output") + " channel of " + layer.describe());
+    return std::make_shared<IA3Impl>(layer, w, on_input);
+  };
+  a.create = [](const LayerSpec& layer, const AdapterOptions& options) -> AdapterPtr {
+    if (auto why = fn::unsupported_layer(layer); !why.empty()) throw OptionError("ia3: " + why);
+    return std::make_shared<IA3Impl>(layer, options);
+  };
+  a.rank = [](const TensorMap&) -> int64_t { return 0; };
+  a.supports = [](const LayerSpec& layer) { return fn::unsupported_layer(layer).empty(); };
+  return a;
+}
+
+}  // namespace lycoris
