@@ -1,0 +1,36 @@
+// BOFT adapter (FORMAT.md §5.9, TRAINING.md §4.8): butterfly stages of Cayley rotations of W's output
+// rows (un-transposed, QUIRKS Q16), optional per-row rescale; `alpha` stores the constraint c.
+#pragma once
+#include <torch/nn/pimpl.h>
+
+#include "lycoris/adapter.hpp"
+
+namespace lycoris {
+
+class BOFTImpl : public AdapterImpl {
+ public:
+  // Fresh adapter: (S, N) = power2factorization(O, rank), OptionError when none exists (QUIRKS Q22);
+  // blocks 0 (M, N, S, S), rescale 1 when options.rescaled(), constraint options.constraint().
+  BOFTImpl(const LayerSpec& layer, const AdapterOptions& options);
+  // From stored tensors (shapes already checked); rescale and alpha may be undefined (alpha → 0).
+  BOFTImpl(const LayerSpec& layer, const torch::Tensor& oft_blocks, const torch::Tensor& rescale,
+           const torch::Tensor& alpha);
+
+  torch::Tensor apply_weight(const torch::Tensor& W, double m) override;
+  // op(x, W) through the butterfly on its channel axis, rescaled, + b (the bias is not rotated).
+  torch::Tensor bypass_forward(const torch::Tensor& x, const torch::Tensor& W, const torch::Tensor& b,
+                               double m) override;
+  NamedTensors file_tensors() const override;  // oft_blocks, rescale?, alpha
+  int64_t rank() const override { return oft_blocks.size(-1); }  // block size S
+  double alpha() const override { return constraint_; }
+  double constraint() const { return constraint_; }
+
+  torch::Tensor oft_blocks, rescale;
+
+ private:
+  double constraint_;
+  torch::Tensor alpha_tensor_;
+};
+TORCH_MODULE(BOFT);
+
+}  // namespace lycoris

@@ -1,0 +1,37 @@
+// GLoRA adapter (FORMAT.md §5.7, TRAINING.md §4.7): ΔW = s·σ·(W·a1·a2 + b1·b2), s = alpha / r, σ the
+// optional trainable scalar (use_scalar; folded into both a2 and b2 on save, FORMAT.md §4.4).
+#pragma once
+#include <torch/nn/pimpl.h>
+
+#include "lycoris/adapter.hpp"
+#include "lycoris/functional/glora.hpp"
+
+namespace lycoris {
+
+class GLoRAImpl : public AdapterImpl {
+ public:
+  // Fresh adapter at options.rank(); alpha 0 → r. With rs_lora the scale is alpha/√r and the file
+  // stores alpha·√r so that the file's alpha/r reproduces it (the reference loses it, QUIRKS Q14).
+  GLoRAImpl(const LayerSpec& layer, const AdapterOptions& options);
+  // From stored tensors (shapes already checked); `alpha` is the stored tensor (undefined → r).
+  GLoRAImpl(const LayerSpec& layer, const functional::glora::Weights& w, const torch::Tensor& alpha);
+
+  torch::Tensor apply_weight(const torch::Tensor& W, double m) override;
+  torch::Tensor bypass_forward(const torch::Tensor& x, const torch::Tensor& W, const torch::Tensor& b,
+                               double m) override;
+  NamedTensors file_tensors() const override;  // alpha, a1.weight, a2.weight, b1.weight, b2.weight
+  int64_t rank() const override { return a2.size(0); }
+  double alpha() const override { return alpha_; }
+  double scale() const { return alpha_ / static_cast<double>(rank()); }
+
+  torch::Tensor a1, a2, b1, b2;
+  torch::Tensor scalar;  // defined only with use_scalar
+
+ private:
+  functional::glora::Weights weights() const;  // σ folded into a2 and b2
+  double alpha_;
+  torch::Tensor alpha_tensor_;  // as stored (dtype and shape), for file_tensors
+};
+TORCH_MODULE(GLoRA);
+
+}  // namespace lycoris

@@ -1,0 +1,72 @@
+#include "lycoris/functional/diag_oft.hpp"
+
+#include <torch/torch.h>
+
+#include "lycoris/functional/channels.hpp"
+#include "lycoris/functional/common.hpp"
+#include "lycoris/functional/factorization.hpp"
+#include "lycoris/functional/oft.hpp"
+
+namespace lycoris::functional::diag_oft {
+
+std::pair<int64_t, int64_t> block_layout(int64_t out_features, int64_t rank) {
+  auto f = factorization(out_features, rank);
+  return {f.first, f.second};
+}
+
+std::vector<int64_t> rescale_shape(const LayerSpec& layer) {
+  std::vector<int64_t> s(layer.weight_shape().size(), 1);
+  s[0] = layer.out_features;
+  return s;
+}
+
+torch::Tensor rotate_rows(const torch::Tensor& X, const torch::Tensor& M) {
+  const int64_t N = M.size(0), S = M.size(1);
+  auto x = X.reshape({N, S, -1});
+  return torch::einsum("nba,nbr->nar", {M, x}).reshape(X.sizes());
+}
+
+torch::Tensor matrices(const torch::Tensor& blocks, double constraint, int64_t out_features, double m,
+                       const torch::Tensor& like, double dropout) {
+  return oft::interpolate(oft::rotations(blocks, constraint, out_features, like), m, dropout);
+}
+
+torch::Tensor apply_weight(const torch::Tensor& W, const torch::Tensor& blocks, const torch::Tensor& rescale,
+                           double constraint, double m, double dropout) {
+  auto w = to_compute(W, W);
+  auto out = rotate_rows(w, matrices(blocks, constraint, w.size(0), m, w, dropout));
+  if (rescale.defined()) {
+    std::vector<int64_t> shape(static_cast<size_t>(w.dim()), 1);
+    shape[0] = w.size(0);
+    out = out * oft::rescale_vector(rescale, w).reshape(shape);
+  }
+  return out.to(W.scalar_type());
+}
+
+torch::Tensor diff_weight(const torch::Tensor& W, const torch::Tensor& blocks, const torch::Tensor& rescale,
+                          double constraint, double m) {
+  auto w = to_compute(W, W);
+  return (apply_weight(w, blocks, rescale, constraint, m) - w).to(W.scalar_type());
+}
+
+torch::Tensor bypass_forward(const torch::Tensor& x, const LayerSpec& layer, const torch::Tensor& W,
+                             const torch::Tensor& b, const torch::Tensor& blocks, const torch::Tensor& rescale,
+                             double constraint, double m, double dropout) {
+  auto xc = to_compute(x, x);
+  auto M = matrices(blocks, constraint, layer.out_features, m, xc, dropout);
+  auto y = map_channel_rows(host_op(xc, layer, W.to(xc.options())), layer,
+                            [&](const torch::Tensor& rows) { return rotate_rows(rows, M); });
+  if (rescale.defined()) y = scale_channels(y, layer, oft::rescale_vector(rescale, xc));
+  if (b.defined()) y = add_channels(y, layer, b.to(xc.options()));
+  return y.to(x.scalar_type());
+}
+
+std::pair<torch::Tensor, torch::Tensor> init_weights(const LayerSpec& layer, int64_t rank, bool rescaled,
+                                                     const torch::TensorOptions& options) {
+  auto [S, N] = block_layout(layer.out_features, rank);
+  auto blocks = torch::zeros({N, S, S}, options);
+  auto rescale = rescaled ? torch::ones(rescale_shape(layer), options) : torch::Tensor();
+  return {blocks, rescale};
+}
+
+}  // namespace lycoris::functional::diag_oft

@@ -1,0 +1,34 @@
+#include "lycoris/functional/oft.hpp"
+
+#include <torch/torch.h>
+
+#include "lycoris/functional/common.hpp"
+
+namespace lycoris::functional::oft {
+
+torch::Tensor rotations(const torch::Tensor& blocks, double constraint, int64_t out_features,
+                        const torch::Tensor& like) {
+  auto b = blocks.to(like.options().dtype(compute_dtype(like)));
+  auto Q = b - b.transpose(-1, -2);
+  if (constraint > 0) {
+    const double C = constraint * static_cast<double>(out_features);
+    auto q = Q.norm() + 1e-8;
+    Q = torch::where(q > C, Q * (C / q), Q);
+  }
+  auto I = torch::eye(Q.size(-1), Q.options());
+  return torch::matmul(I + Q, torch::inverse(I - Q));
+}
+
+torch::Tensor interpolate(const torch::Tensor& R, double m, double dropout) {
+  auto mR = R * m;
+  if (dropout > 0) mR = torch::dropout(mR, dropout, /*train=*/true);
+  if (m == 1 && dropout <= 0) return R;
+  return mR + torch::eye(R.size(-1), R.options()) * (1 - m);
+}
+
+torch::Tensor rescale_vector(const torch::Tensor& rescale, const torch::Tensor& like) {
+  if (!rescale.defined()) return rescale;
+  return rescale.reshape({-1}).to(like.options());
+}
+
+}  // namespace lycoris::functional::oft
