@@ -36,7 +36,7 @@ inline torch::Tensor input_for(const LayerSpec& l, torch::ScalarType dtype = tor
 // Sets every parameter of the adapter to random values (so that checks do not run at the identity).
 inline void randomize(AdapterImpl& a, double scale = 0.3) {
   torch::NoGradGuard g;
-  for (auto& p : a.parameters()) p.copy_(torch::randn_like(p) * scale + (p.dim() >= 2 ? 0.0 : 0.0));
+  for (auto& p : a.parameters()) p.copy_(torch::randn_like(p) * scale);
 }
 
 // bypass_forward(x, W, b, m) == layer_forward(x, apply_weight(W, m), apply_bias(b, m)).
