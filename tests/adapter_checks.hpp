@@ -111,6 +111,38 @@ inline void expect_round_trip(AdapterImpl& a, const Algorithm& algo, const Layer
   EXPECT_TRUE(all_close(loaded->apply_weight(W, 0.8), a.apply_weight(W, 0.8), 1e-6, 1e-6, what + " reloaded W'"));
 }
 
+// fp16 / bf16 host weights: W' keeps W's dtype and is the fp32 computation rounded once.
+inline void expect_low_precision_host(AdapterImpl& a, const LayerSpec& l, const std::string& what) {
+  a.to(torch::kFloat32);
+  a.eval();
+  auto W = torch::randn(l.weight_shape());
+  torch::NoGradGuard g;
+  for (auto dt : {torch::kFloat16, torch::kBFloat16}) {
+    auto Wl = W.to(dt);
+    auto out = a.apply_weight(Wl, 0.7);
+    EXPECT_EQ(out.scalar_type(), dt) << what;
+    EXPECT_TRUE(torch::equal(out, a.apply_weight(Wl.to(torch::kFloat32), 0.7).to(dt))) << what;
+  }
+}
+
+// module_dropout = 1: the adapter is skipped in training mode (W' = W, b' = b, bypass = host output) and
+// applied in eval mode.
+inline void expect_module_dropout(const Algorithm& algo, AdapterOptions options, const LayerSpec& l) {
+  auto a = algo.create(l, options.module_dropout(1.0));
+  randomize(*a);
+  a->to(torch::kFloat64);
+  auto W = torch::randn(l.weight_shape(), torch::kFloat64);
+  auto b = torch::randn({l.out_features}, torch::kFloat64);
+  auto x = input_for(l);
+  torch::NoGradGuard g;
+  a->train();
+  EXPECT_TRUE(torch::equal(a->apply_weight(W, 1.0), W)) << algo.name;
+  EXPECT_TRUE(torch::equal(a->apply_bias(b, 1.0), b)) << algo.name;
+  EXPECT_TRUE(torch::equal(a->bypass_forward(x, W, b, 1.0), layer_forward(x, l, W, b))) << algo.name;
+  a->eval();
+  EXPECT_FALSE(torch::allclose(a->apply_weight(W, 1.0), W)) << algo.name;
+}
+
 // --- golden cases ---
 
 inline nlohmann::json golden_case(const std::string& name) {

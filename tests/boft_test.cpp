@@ -106,6 +106,15 @@ TEST(BOFT, LoadRejectsMalformed) {
                KeyError);
 }
 
+TEST(BOFT, LowPrecisionHostAndModuleDropout) {
+  for (const auto& l : test::host_layers()) {
+    auto a = std::make_shared<BOFTImpl>(l, BOFTOptions().algo("boft").rank(2).rescaled(true));
+    test::randomize(*a);
+    test::expect_low_precision_host(*a, l, l.describe());
+    test::expect_module_dropout(boft_algorithm(), BOFTOptions().algo("boft").rank(2), l);
+  }
+}
+
 TEST(BOFT, Golden) {
   for (const char* c : {"boft", "boft_constraint", "boft_rescaled"}) EXPECT_EQ(test::check_golden(c, {boft_algorithm()}), 9) << c;
 }

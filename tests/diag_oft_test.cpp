@@ -110,6 +110,28 @@ TEST(DiagOFT, LoadRejectsMalformed) {
   EXPECT_FALSE(algo.detect({{"oft_blocks", torch::zeros({1, 4, 2, 2})}}));
 }
 
+TEST(DiagOFT, LowPrecisionHostAndDropouts) {
+  for (const auto& l : test::host_layers()) {
+    auto a = std::make_shared<DiagOFTImpl>(l, DiagOFTOptions().algo("diag-oft").rank(2).rescaled(true));
+    test::randomize(*a);
+    test::expect_low_precision_host(*a, l, l.describe());
+    test::expect_module_dropout(diag_oft_algorithm(), DiagOFTOptions().algo("diag-oft").rank(2), l);
+  }
+  // rank_dropout: inverted dropout on the entries of m·R, training only (QUIRKS Q51)
+  auto l = LayerSpec::linear(4, 8);
+  auto a = diag_oft_algorithm().create(l, DiagOFTOptions().algo("diag-oft").rank(4).rank_dropout(0.5));
+  test::randomize(*a);
+  auto W = torch::randn(l.weight_shape());
+  torch::NoGradGuard g;
+  a->eval();
+  auto w_eval = a->apply_weight(W, 1.0);
+  auto M = functional::diag_oft::matrices(std::dynamic_pointer_cast<DiagOFTImpl>(a)->oft_blocks, 0, 8, 1.0, W);
+  EXPECT_TRUE(test::all_close(w_eval, functional::diag_oft::rotate_rows(W, M), 1e-6, 0));
+  a->train();
+  torch::manual_seed(5);
+  EXPECT_FALSE(torch::allclose(a->apply_weight(W, 1.0), w_eval));
+}
+
 TEST(DiagOFT, Golden) {
   for (const char* c : {"diag_oft", "diag_oft_constraint", "diag_oft_rescaled"})
     EXPECT_EQ(test::check_golden(c, {diag_oft_algorithm()}), 9) << c;

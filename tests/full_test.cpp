@@ -59,6 +59,15 @@ TEST(Full, LoadRejectsMalformed) {
   EXPECT_THROW(algo.create(LayerSpec::conv(4, 4, {3}, {}, {}, {}, 2), FullOptions()), OptionError);
 }
 
+TEST(Full, LowPrecisionHostAndModuleDropout) {
+  for (const auto& l : test::host_layers()) {
+    auto a = std::make_shared<FullImpl>(l);
+    test::randomize(*a);
+    test::expect_low_precision_host(*a, l, l.describe());
+    test::expect_module_dropout(full_algorithm(), FullOptions().algo("full"), l);
+  }
+}
+
 TEST(Full, Golden) {
   EXPECT_EQ(test::check_golden("full", {full_algorithm()}), 9);
   EXPECT_EQ(test::check_golden("full_nobias", {full_algorithm()}), 9);

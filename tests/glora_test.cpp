@@ -117,4 +117,33 @@ TEST(GLoRA, LoadRejectsMalformed) {
   EXPECT_THROW(algo.create(LayerSpec::layer_norm(4), GLoRAOptions()), OptionError);
 }
 
+TEST(GLoRA, LowPrecisionHostAndModuleDropout) {
+  for (const auto& l : test::host_layers()) {
+    auto a = std::make_shared<GLoRAImpl>(l, GLoRAOptions().algo("glora").rank(2));
+    test::randomize(*a);
+    test::expect_low_precision_host(*a, l, l.describe());
+    test::expect_module_dropout(glora_algorithm(), GLoRAOptions().algo("glora").rank(2), l);
+  }
+}
+
+TEST(GLoRA, BypassDropoutsOnlyInTraining) {
+  auto l = LayerSpec::linear(6, 8);
+  auto a = glora_algorithm().create(l, GLoRAOptions().algo("glora").rank(2).dropout(0.5).rank_dropout(0.5));
+  test::randomize(*a);
+  a->to(torch::kFloat64);
+  auto W = torch::randn(l.weight_shape(), torch::kFloat64);
+  auto x = test::input_for(l);
+  torch::NoGradGuard g;
+  a->eval();
+  auto y_eval = a->bypass_forward(x, W, {}, 1.0);
+  EXPECT_TRUE(test::all_close(y_eval, layer_forward(x, l, a->apply_weight(W, 1.0), {}), 1e-9, 1e-9));
+  a->train();
+  torch::manual_seed(3);
+  EXPECT_FALSE(torch::allclose(a->bypass_forward(x, W, {}, 1.0), y_eval));
+  // no dropout in rebuild mode (TRAINING.md §4.7)
+  auto w_train = a->apply_weight(W, 1.0);
+  a->eval();
+  EXPECT_TRUE(torch::equal(w_train, a->apply_weight(W, 1.0)));
+}
+
 TEST(GLoRA, Golden) { EXPECT_EQ(test::check_golden("glora", {glora_algorithm()}), 9); }

@@ -78,6 +78,15 @@ TEST(IA3, LoadRejectsMalformed) {
   EXPECT_NO_THROW(algo.load("lycoris_x", {{"weight", torch::zeros({1, 6, 1, 1})}, {"on_input", flag(0)}}, c));
 }
 
+TEST(IA3, LowPrecisionHostAndModuleDropout) {
+  for (const auto& l : test::host_layers()) {
+    auto a = std::make_shared<IA3Impl>(l, IA3Options().algo("ia3"));
+    test::randomize(*a);
+    test::expect_low_precision_host(*a, l, l.describe());
+    test::expect_module_dropout(ia3_algorithm(), IA3Options().algo("ia3").train_on_input(true), l);
+  }
+}
+
 TEST(IA3, Golden) {
   EXPECT_EQ(test::check_golden("ia3", {ia3_algorithm()}), 9);
   EXPECT_EQ(test::check_golden("ia3_input", {ia3_algorithm()}), 9);

@@ -1,5 +1,8 @@
 // safetensors reader/writer: dtype round trips, F8 decoding, zero-copy lifetime, alignment, writer
 // padding / metadata / atomicity. Expected bytes come from the format definition (hand-built files).
+#include <signal.h>
+#include <sys/resource.h>
+
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -276,6 +279,31 @@ TEST(IoSafetensors, WriterIsAtomic) {
   save_file(path, {{"new", torch::zeros({2})}});
   EXPECT_TRUE(SafetensorsFile::open(path).contains("new"));
   EXPECT_FALSE(SafetensorsFile::open(path).contains("old"));
+  EXPECT_EQ(files_in(dir), 1u);
+}
+
+TEST(IoSafetensors, WriterDiskErrorLeavesNoTrace) {
+  // A real write failure (file size limit → EFBIG, like a full disk) in the middle of the data.
+  auto dir = lycoris::test::temp_dir("io-efbig");
+  auto path = dir + "/model.safetensors";
+  save_file(path, {{"old", torch::ones({4})}});
+  const auto before = read_all(path);
+  auto old_handler = signal(SIGXFSZ, SIG_IGN);
+  struct rlimit old_limit {};
+  getrlimit(RLIMIT_FSIZE, &old_limit);
+  struct rlimit limit = old_limit;
+  limit.rlim_cur = 64 * 1024;
+  ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &limit), 0);
+  std::string message;
+  try {
+    save_file(path, {{"a", torch::zeros({1024})}, {"big", torch::zeros({1 << 20})}});
+  } catch (const IOError& e) {
+    message = e.what();
+  }
+  setrlimit(RLIMIT_FSIZE, &old_limit);
+  signal(SIGXFSZ, old_handler);
+  EXPECT_NE(message.find(path + ": write failed"), std::string::npos) << message;
+  EXPECT_EQ(read_all(path), before);
   EXPECT_EQ(files_in(dir), 1u);
 }
 

@@ -80,4 +80,36 @@ TEST(Norm, LoadRejectsMalformed) {
   EXPECT_FALSE(algo.supports(LayerSpec::conv(4, 4, {3})));
 }
 
+TEST(Norm, ModuleAndChannelDropout) {
+  for (const auto& l : norm_layers()) {
+    auto a = norm_algorithm().create(l, NormOptions().algo("norm").module_dropout(1.0));
+    test::randomize(*a);
+    auto w = torch::randn({l.out_features}), b = torch::randn({l.out_features});
+    torch::NoGradGuard g;
+    a->train();
+    EXPECT_TRUE(torch::equal(a->apply_weight(w, 1.0), w));
+    EXPECT_TRUE(torch::equal(a->apply_bias(b, 1.0), b));
+    a->eval();
+    EXPECT_FALSE(torch::allclose(a->apply_weight(w, 1.0), w));
+  }
+  // rank_dropout drops the same channels of w_norm and b_norm (keep iff u > p), training only
+  auto l = LayerSpec::layer_norm(64);
+  auto a = std::dynamic_pointer_cast<NormImpl>(norm_algorithm().create(l, NormOptions().algo("norm").rank_dropout(0.5)));
+  {
+    torch::NoGradGuard g;
+    a->w_norm.fill_(1.0);
+    a->b_norm.fill_(2.0);
+  }
+  auto zeros = torch::zeros({64});
+  torch::NoGradGuard g;
+  a->train();
+  auto dw = a->apply_weight(zeros, 1.0), db = a->apply_bias(zeros, 1.0);
+  EXPECT_TRUE(torch::equal(dw * 2.0, db));
+  const double kept = dw.sum().item<double>();
+  EXPECT_GT(kept, 8);
+  EXPECT_LT(kept, 56);
+  a->eval();
+  EXPECT_TRUE(torch::equal(a->apply_weight(zeros, 1.0), torch::ones({64})));
+}
+
 TEST(Norm, Golden) { EXPECT_EQ(test::check_golden("norm", {norm_algorithm()}), 3); }
