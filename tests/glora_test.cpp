@@ -23,6 +23,12 @@ TEST(GLoRA, WorkedExample) {
                                    {"alpha", torch::tensor(int64_t{1})}},
                                   LayerSpec::linear(2, 2));
   EXPECT_TRUE(test::all_close(a->apply_weight(W, 0.5), W + 0.5 * expected, 1e-7, 0));
+  // alpha is written back as stored (int64, 0-dim), even after the module changed dtype
+  a->to(torch::kFloat64);
+  auto alpha = a->file_tensors().front();
+  EXPECT_EQ(alpha.first, "alpha");
+  EXPECT_EQ(alpha.second.scalar_type(), torch::kInt64);
+  EXPECT_EQ(alpha.second.dim(), 0);
   // missing alpha → alpha = r (scale 1)
   auto b = glora_algorithm().load("lycoris_g", {{"a1.weight", w.a1}, {"a2.weight", w.a2}, {"b1.weight", w.b1}, {"b2.weight", w.b2}},
                                   LayerSpec::linear(2, 2));

@@ -17,7 +17,7 @@ BOFTImpl::BOFTImpl(const LayerSpec& layer, const AdapterOptions& options)
   auto init = fn::boft::init_weights(layer, options.rank(), options.rescaled());
   oft_blocks = register_parameter("oft_blocks", init.first);
   if (init.second.defined()) rescale = register_parameter("rescale", init.second);
-  alpha_tensor_ = register_buffer("alpha", torch::tensor(constraint_, torch::kFloat32));
+  alpha_tensor_ = torch::tensor(constraint_, torch::kFloat32);
 }
 
 BOFTImpl::BOFTImpl(const LayerSpec& layer, const torch::Tensor& blocks, const torch::Tensor& rs,
@@ -26,8 +26,8 @@ BOFTImpl::BOFTImpl(const LayerSpec& layer, const torch::Tensor& blocks, const to
       constraint_(alpha.defined() ? fn::scalar_value(alpha, "boft", "alpha") : 0.0) {
   oft_blocks = register_parameter("oft_blocks", fn::owned_float(blocks));
   if (rs.defined()) rescale = register_parameter("rescale", fn::owned_float(rs));
-  alpha_tensor_ = register_buffer(
-      "alpha", alpha.defined() ? alpha.detach().clone() : torch::tensor(constraint_, torch::kFloat32));
+  alpha_tensor_ =
+      alpha.defined() ? alpha.detach().clone().to(torch::kCPU) : torch::tensor(constraint_, torch::kFloat32);
   options_.constraint(constraint_);
 }
 

@@ -22,7 +22,7 @@ GLoRAImpl::GLoRAImpl(const LayerSpec& layer, const AdapterOptions& options) : Ad
   if (options.use_scalar()) scalar = register_parameter("scalar", torch::zeros({}));
   const double user_alpha = options.alpha() == 0 ? static_cast<double>(r) : options.alpha();
   alpha_ = options.rs_lora() ? user_alpha * std::sqrt(static_cast<double>(r)) : user_alpha;
-  alpha_tensor_ = register_buffer("alpha", torch::tensor(alpha_, torch::kFloat32));
+  alpha_tensor_ = torch::tensor(alpha_, torch::kFloat32);
 }
 
 GLoRAImpl::GLoRAImpl(const LayerSpec& layer, const fn::glora::Weights& w, const torch::Tensor& alpha)
@@ -32,8 +32,8 @@ GLoRAImpl::GLoRAImpl(const LayerSpec& layer, const fn::glora::Weights& w, const 
   b1 = register_parameter("b1", fn::owned_float(w.b1));
   b2 = register_parameter("b2", fn::owned_float(w.b2));
   alpha_ = alpha.defined() ? fn::scalar_value(alpha, "glora", "alpha") : static_cast<double>(a2.size(0));
-  alpha_tensor_ = register_buffer(
-      "alpha", alpha.defined() ? alpha.detach().clone() : torch::tensor(alpha_, torch::kFloat32));
+  alpha_tensor_ =
+      alpha.defined() ? alpha.detach().clone().to(torch::kCPU) : torch::tensor(alpha_, torch::kFloat32);
   options_.alpha(alpha_);
 }
 

@@ -29,7 +29,8 @@ class BOFTImpl : public AdapterImpl {
 
  private:
   double constraint_;
-  torch::Tensor alpha_tensor_;
+  torch::Tensor alpha_tensor_;  // as stored (dtype and shape), on the CPU, for file_tensors; not a buffer, so
+                                // Module::to(dtype) cannot turn an int64 alpha into a float
 };
 TORCH_MODULE(BOFT);
 

@@ -31,7 +31,8 @@ class DiagOFTImpl : public AdapterImpl {
  private:
   double dropout() const { return is_training() ? options_.rank_dropout() : 0.0; }
   double constraint_;
-  torch::Tensor alpha_tensor_;
+  torch::Tensor alpha_tensor_;  // as stored (dtype and shape), on the CPU, for file_tensors; not a buffer, so
+                                // Module::to(dtype) cannot turn an int64 alpha into a float
 };
 TORCH_MODULE(DiagOFT);
 

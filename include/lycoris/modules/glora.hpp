@@ -30,7 +30,8 @@ class GLoRAImpl : public AdapterImpl {
  private:
   functional::glora::Weights weights() const;  // σ folded into a2 and b2
   double alpha_;
-  torch::Tensor alpha_tensor_;  // as stored (dtype and shape), for file_tensors
+  torch::Tensor alpha_tensor_;  // as stored (dtype and shape), on the CPU, for file_tensors; not a buffer, so
+                                // Module::to(dtype) cannot turn an int64 alpha into a float
 };
 TORCH_MODULE(GLoRA);
 
