@@ -23,7 +23,7 @@ std::vector<int64_t> rescale_shape(const LayerSpec& layer) {
 torch::Tensor rotate_rows(const torch::Tensor& X, const torch::Tensor& M) {
   const int64_t N = M.size(0), S = M.size(1);
   auto x = X.reshape({N, S, -1});
-  return torch::einsum("nba,nbr->nar", {M, x}).reshape(X.sizes());
+  return torch::matmul(M.transpose(1, 2), x).reshape(X.sizes());
 }
 
 torch::Tensor matrices(const torch::Tensor& blocks, double constraint, int64_t out_features, double m,

@@ -12,7 +12,7 @@ torch::Tensor diff_weight(const torch::Tensor& diff, double m) {
 
 torch::Tensor apply_weight(const torch::Tensor& W, const torch::Tensor& diff, double m) {
   auto w = to_compute(W, W);
-  return (w + m * diff.to(w.options())).to(W.scalar_type());
+  return torch::add(w, diff.to(w.options()), m).to(W.scalar_type());
 }
 
 torch::Tensor apply_bias(const torch::Tensor& b, const torch::Tensor& diff_b, double m) {

@@ -3,6 +3,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <utility>
 
 #include "lycoris/functional/channels.hpp"
 #include "lycoris/functional/common.hpp"
@@ -35,19 +36,29 @@ std::vector<int64_t> b2_shape(const LayerSpec& layer, int64_t r) {
   return s;
 }
 
+namespace {
+// (W·A, B) in the compute dtype of W. W·A = (W·a1)·a2 contracting W's input axis (1), kernel axes kept
+// in place: O·I·r·k operations instead of O·I²·k for W·(a1·a2).
+std::pair<torch::Tensor, torch::Tensor> terms(const torch::Tensor& wc, const Weights& w) {
+  const auto o = wc.options();
+  auto B = torch::matmul(flat(w.b1).to(o), flat(w.b2).to(o)).view(wc.sizes());
+  auto Wa1 = torch::tensordot(wc, flat(w.a1).to(o), {1}, {0});    // (O, *K, r)
+  auto WA = torch::matmul(Wa1, flat(w.a2).to(o)).movedim(-1, 1);  // (O, I, *K)
+  return {WA, B};
+}
+}  // namespace
+
 torch::Tensor diff_weight(const torch::Tensor& W, const Weights& w, double s) {
   auto wc = to_compute(W, W);
-  const auto o = wc.options();
-  auto A = torch::matmul(flat(w.a1).to(o), flat(w.a2).to(o));  // (I, I)
-  auto B = torch::matmul(flat(w.b1).to(o), flat(w.b2).to(o)).reshape(wc.sizes());
-  // contract W's input axis (1) with A's first axis, keeping the kernel axes in place
-  auto WA = torch::tensordot(wc, A, {1}, {0}).movedim(-1, 1);
-  return ((WA + B) * s).to(W.scalar_type());
+  auto [WA, B] = terms(wc, w);
+  return torch::add(WA, B).mul_(s).to(W.scalar_type());
 }
 
 torch::Tensor apply_weight(const torch::Tensor& W, const Weights& w, double s, double m) {
   auto wc = to_compute(W, W);
-  return (wc + m * diff_weight(wc, w, s)).to(W.scalar_type());
+  auto [WA, B] = terms(wc, w);
+  // W + m·s·(W·A + B)
+  return torch::add(wc, WA, m * s).add_(B, m * s).to(W.scalar_type());
 }
 
 torch::Tensor bypass_diff(const torch::Tensor& x, const LayerSpec& layer, const torch::Tensor& W, const Weights& w,
