@@ -40,6 +40,15 @@ TEST(IA3, IdentityAtInitBypassGradRoundTrip) {
       a->to(torch::kFloat64);
       test::expect_bypass_equals_rebuild(*a, l, 0.7, l.describe());
       test::expect_round_trip(*a, ia3_algorithm(), l, l.describe());
+      {
+        // ΔW·x without ΔW equals the layer op with ΔW = m·W ⊙ v
+        torch::NoGradGuard g;
+        auto W64 = torch::randn(l.weight_shape(), torch::kFloat64);
+        auto x = test::input_for(l);
+        EXPECT_TRUE(test::all_close(functional::ia3::bypass_diff(x, l, W64, a->weight, on_input, 0.7),
+                                    layer_forward(x, l, functional::ia3::diff_weight(W64, a->weight, on_input, 0.7), {}),
+                                    1e-10, 1e-9, "bypass_diff"));
+      }
       auto ft = a->file_tensors();
       ASSERT_EQ(ft.size(), 2u);
       EXPECT_EQ(ft[0].first, "weight");
