@@ -18,10 +18,12 @@
 
 namespace lycoris::test {
 
-// Linear 6→8, Conv1d 4→8 k3 p1, Conv2d 4→8 3×3 stride 2 padding 1, Conv3d 2→4 k3 p1 (all with bias).
+// Linear 6→8, Conv1d 4→8 k3 p1, Conv2d 4→8 3×3 stride 2 padding 1, Conv3d 2→4 k3 p1, Conv2d 4→8 3×2
+// padding (2, 1) dilation 2 (all with bias).
 inline std::vector<LayerSpec> host_layers() {
   return {LayerSpec::linear(6, 8), LayerSpec::conv(4, 8, {3}, {1}, {1}),
-          LayerSpec::conv(4, 8, {3, 3}, {2, 2}, {1, 1}), LayerSpec::conv(2, 4, {3, 3, 3}, {1, 1, 1}, {1, 1, 1})};
+          LayerSpec::conv(4, 8, {3, 3}, {2, 2}, {1, 1}), LayerSpec::conv(2, 4, {3, 3, 3}, {1, 1, 1}, {1, 1, 1}),
+          LayerSpec::conv(4, 8, {3, 2}, {1, 1}, {2, 1}, {2, 2})};
 }
 
 // An input batch for the layer: Linear (2, 3, I); Conv (2, I, 5, …).
@@ -48,6 +50,10 @@ inline void expect_bypass_equals_rebuild(AdapterImpl& a, const LayerSpec& l, dou
   auto rebuild = layer_forward(x, l, a.apply_weight(W, m), a.apply_bias(b, m));
   auto bypass = a.bypass_forward(x, W, b, m);
   EXPECT_TRUE(all_close(bypass, rebuild, 1e-9, 1e-9, what + " bypass vs rebuild"));
+  // unbatched input (no batch axis)
+  auto x1 = x[0];
+  EXPECT_TRUE(all_close(a.bypass_forward(x1, W, b, m), layer_forward(x1, l, a.apply_weight(W, m), a.apply_bias(b, m)),
+                        1e-9, 1e-9, what + " unbatched bypass vs rebuild"));
 }
 
 // Gradient of sum(y ⊙ probe) w.r.t. every adapter parameter (rebuild and bypass paths) against central
