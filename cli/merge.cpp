@@ -1,10 +1,104 @@
-// `lycoris merge` (placeholder until its issue lands)
+// `lycoris merge BASE ADAPTER... --output OUT [--weight W]... [--dtype keep|fp32|fp16|bf16] [--device D]
+//                 [--allow-unmatched] [--threads N] [--progress]`
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <memory>
+#include <thread>
+
 #include "commands.hpp"
 #include "lycoris/error.hpp"
+#include "lycoris/tools/merge.hpp"
 
 namespace lycoris::cli {
-void register_merge(CLI::App& app) {
-  auto* cmd = app.add_subcommand("merge", "not implemented yet");
-  cmd->callback([] { throw lycoris::Error("merge: not implemented yet"); });
+
+namespace {
+
+std::optional<torch::ScalarType> parse_dtype(const std::string& s) {
+  if (s == "keep") return std::nullopt;
+  if (s == "fp32" || s == "float32" || s == "float") return torch::kFloat32;
+  if (s == "fp16" || s == "float16" || s == "half") return torch::kFloat16;
+  if (s == "bf16" || s == "bfloat16" || s == "bfloat") return torch::kBFloat16;
+  if (s == "fp64" || s == "float64") return torch::kFloat64;
+  throw OptionError("--dtype: unknown dtype '" + s + "' (keep, fp32, fp16, bf16, fp64)");
 }
+
+// One-line progress bar on stderr, redrawn at most every 100 ms.
+class ProgressBar {
+ public:
+  void update(const tools::MergeProgress& p) {
+    auto now = std::chrono::steady_clock::now();
+    if (p.index != p.total && now - last_ < std::chrono::milliseconds(100)) return;
+    last_ = now;
+    const double frac = p.bytes_total ? static_cast<double>(p.bytes_done) / static_cast<double>(p.bytes_total)
+                                      : static_cast<double>(p.index) / static_cast<double>(p.total ? p.total : 1);
+    const int width = 30, filled = static_cast<int>(frac * width);
+    std::string name = p.key ? *p.key : "";
+    if (name.size() > 48) name = "…" + name.substr(name.size() - 47);
+    std::fprintf(stderr, "\r[%s%s] %3d%% %zu/%zu %-48s", std::string(static_cast<size_t>(filled), '#').c_str(),
+                 std::string(static_cast<size_t>(width - filled), '.').c_str(), static_cast<int>(frac * 100),
+                 p.index, p.total, name.c_str());
+    if (p.index == p.total) std::fprintf(stderr, "\n");
+    std::fflush(stderr);
+  }
+
+ private:
+  std::chrono::steady_clock::time_point last_{};
+};
+
+}  // namespace
+
+void register_merge(CLI::App& app) {
+  struct Args {
+    std::string base, output, dtype = "keep", device = "cpu";
+    std::vector<std::string> adapters;
+    std::vector<double> weights;
+    bool allow_unmatched = false, progress = false, quiet = false;
+    int threads = 0;
+  };
+  auto args = std::make_shared<Args>();
+  auto* cmd = app.add_subcommand("merge", "merge adapters into a base checkpoint (streaming, fp32 math)");
+  cmd->add_option("base", args->base, "base checkpoint (.safetensors)")->required();
+  cmd->add_option("adapters", args->adapters, "adapter files, applied in order")->required();
+  cmd->add_option("-o,--output", args->output, "output checkpoint (written atomically)")->required();
+  cmd->add_option("-w,--weight", args->weights, "multiplier per adapter, in order (default 1.0 each)");
+  cmd->add_option("--dtype", args->dtype, "output dtype of float tensors: keep|fp32|fp16|bf16|fp64")
+      ->capture_default_str();
+  cmd->add_option("--device", args->device, "device for the ΔW math (cpu, cuda, cuda:1, …)")->capture_default_str();
+  cmd->add_flag("--allow-unmatched", args->allow_unmatched,
+                "skip adapter modules that match no base tensor or the wrong shape (warning instead of error)");
+  cmd->add_option("--threads", args->threads, "torch threads (default: hardware threads)");
+  cmd->add_flag("--progress", args->progress, "progress bar even when stderr is not a terminal");
+  cmd->add_flag("-q,--quiet", args->quiet, "no summary line");
+  cmd->callback([args] {
+    auto& a = *args;
+    if (!a.weights.empty() && a.weights.size() != a.adapters.size())
+      throw OptionError("merge: " + std::to_string(a.weights.size()) + " --weight value(s) for " +
+                        std::to_string(a.adapters.size()) + " adapter(s): give one per adapter, in order");
+    tools::MergeOptions opt;
+    for (size_t i = 0; i < a.adapters.size(); ++i)
+      opt.adapters.push_back({a.adapters[i], a.weights.empty() ? 1.0 : a.weights[i]});
+    opt.dtype = parse_dtype(a.dtype);
+    try {
+      opt.device = torch::Device(a.device);
+    } catch (const std::exception&) {
+      throw OptionError("--device: unknown device '" + a.device + "'");
+    }
+    opt.allow_unmatched = a.allow_unmatched;
+    opt.threads = a.threads > 0 ? a.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    opt.on_warning = [](const std::string& w) { std::cerr << "lycoris: warning: " << w << "\n"; };
+    ProgressBar bar;
+    if (a.progress || isatty(STDERR_FILENO)) opt.on_progress = [&bar](const tools::MergeProgress& p) { bar.update(p); };
+    auto r = tools::merge(a.base, a.output, opt);
+    if (!a.quiet) {
+      std::string per;
+      for (size_t i = 0; i < r.modules_applied.size(); ++i) per += (i ? " + " : "") + std::to_string(r.modules_applied[i]);
+      std::printf("merged %zu adapter(s) (%s modules) into %s: %zu tensors, %zu modified, %.2f s\n",
+                  a.adapters.size(), per.c_str(), a.output.c_str(), r.tensors, r.modified, r.total_seconds);
+    }
+  });
+}
+
 }  // namespace lycoris::cli
