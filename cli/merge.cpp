@@ -1,6 +1,9 @@
 // `lycoris merge BASE ADAPTER... --output OUT [--weight W]... [--dtype keep|fp32|fp16|bf16] [--device D]
 //                 [--allow-unmatched] [--threads N] [--progress]`
 #include <unistd.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 
 #include <chrono>
 #include <cstdio>
@@ -57,6 +60,7 @@ void register_merge(CLI::App& app) {
     std::vector<double> weights;
     bool allow_unmatched = false, progress = false, quiet = false;
     int threads = 0;
+    uint64_t buffer_mb = 64;
   };
   auto args = std::make_shared<Args>();
   auto* cmd = app.add_subcommand("merge", "merge adapters into a base checkpoint (streaming, fp32 math)");
@@ -71,9 +75,17 @@ void register_merge(CLI::App& app) {
                 "skip adapter modules that match no base tensor or the wrong shape (warning instead of error)");
   cmd->add_option("--threads", args->threads, "torch threads (default: hardware threads)");
   cmd->add_flag("--progress", args->progress, "progress bar even when stderr is not a terminal");
+  cmd->add_option("--buffer-mb", args->buffer_mb, "read-ahead budget of the pipeline in MiB")->capture_default_str();
   cmd->add_flag("-q,--quiet", args->quiet, "no summary line");
   cmd->callback([args] {
     auto& a = *args;
+#ifdef __GLIBC__
+    // Merging allocates and frees tensors of tens of MB per layer. glibc serves those with fresh mmaps,
+    // so every tensor pays its page faults again (measured: 180 ms → 5 ms for one 13M-element op on
+    // this VM). Keep freed memory in the heap instead; peak memory is still bounded by the pipeline.
+    mallopt(M_MMAP_MAX, 0);
+    mallopt(M_TRIM_THRESHOLD, 1 << 30);
+#endif
     if (!a.weights.empty() && a.weights.size() != a.adapters.size())
       throw OptionError("merge: " + std::to_string(a.weights.size()) + " --weight value(s) for " +
                         std::to_string(a.adapters.size()) + " adapter(s): give one per adapter, in order");
@@ -87,6 +99,7 @@ void register_merge(CLI::App& app) {
       throw OptionError("--device: unknown device '" + a.device + "'");
     }
     opt.allow_unmatched = a.allow_unmatched;
+    opt.max_bytes_in_flight = a.buffer_mb << 20;
     opt.threads = a.threads > 0 ? a.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
     opt.on_warning = [](const std::string& w) { std::cerr << "lycoris: warning: " << w << "\n"; };
     ProgressBar bar;
@@ -95,8 +108,10 @@ void register_merge(CLI::App& app) {
     if (!a.quiet) {
       std::string per;
       for (size_t i = 0; i < r.modules_applied.size(); ++i) per += (i ? " + " : "") + std::to_string(r.modules_applied[i]);
-      std::printf("merged %zu adapter(s) (%s modules) into %s: %zu tensors, %zu modified, %.2f s\n",
-                  a.adapters.size(), per.c_str(), a.output.c_str(), r.tensors, r.modified, r.total_seconds);
+      std::printf("merged %zu adapter(s) (%s modules) into %s: %zu tensors, %zu modified, %.2f s "
+                  "(load %.2f s; busy: read %.2f s, compute %.2f s, write+commit %.2f s)\n",
+                  a.adapters.size(), per.c_str(), a.output.c_str(), r.tensors, r.modified, r.total_seconds,
+                  r.load_seconds, r.read_seconds, r.compute_seconds, r.write_seconds);
     }
   });
 }

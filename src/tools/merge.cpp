@@ -286,7 +286,9 @@ MergeReport merge(const std::string& base_path, const std::string& output, const
           item.data = torch::empty(t.shape, torch::TensorOptions().dtype(io::to_torch(t.dtype)));
         else
           item.data = torch::empty({static_cast<int64_t>(t.nbytes())}, torch::kUInt8);
+        const auto r0 = Clock::now();
         if (t.nbytes() > 0) reader.read(header.data_start + t.begin, item.data.data_ptr(), t.nbytes());
+        report.read_seconds += seconds_since(r0);
         if (!read_q.push(std::move(item))) return;
       }
       read_q.close();
@@ -302,6 +304,7 @@ MergeReport merge(const std::string& base_path, const std::string& output, const
       while (read_q.pop(item)) {
         const auto& t = header.tensors[item.index];
         const io::DType out_dtype = out_dtypes[item.index];
+        const auto c0 = Clock::now();
         auto steps = plan.find(t.name);
         if (steps != plan.end()) {
           // F8 bytes are decoded (exactly) by the file reader; everything else is the tensor we read
@@ -331,6 +334,7 @@ MergeReport merge(const std::string& base_path, const std::string& output, const
           item.out = x.to(io::to_torch(out_dtype)).contiguous();
           item.data = torch::Tensor();
         }
+        report.compute_seconds += seconds_since(c0);
         if (!done_q.push(std::move(item))) return;
       }
       done_q.close();
@@ -345,6 +349,7 @@ MergeReport merge(const std::string& base_path, const std::string& output, const
     while (done_q.pop(item)) {
       const auto& t = header.tensors[item.index];
       const bool modified = plan.count(t.name) > 0;
+      const auto w0 = Clock::now();
       if (item.out.defined()) {
         writer.write(t.name, item.out);
         report.bytes_written += static_cast<uint64_t>(item.out.nbytes());
@@ -353,6 +358,7 @@ MergeReport merge(const std::string& base_path, const std::string& output, const
         report.bytes_written += t.nbytes();
       }
       item = Item();  // free before asking for more
+      report.write_seconds += seconds_since(w0);
       budget.release(t.nbytes());
       bytes_done += t.nbytes();
       ++report.tensors;
@@ -377,7 +383,9 @@ MergeReport merge(const std::string& base_path, const std::string& output, const
   if (report.tensors != header.tensors.size())
     throw Error(output + ": internal error: wrote " + std::to_string(report.tensors) + " of " +
                 std::to_string(header.tensors.size()) + " tensors");
+  const auto f0 = Clock::now();
   writer.commit();
+  report.write_seconds += seconds_since(f0);
   report.bytes_read = bytes_total;
   report.total_seconds = seconds_since(t0);
   return report;

@@ -50,6 +50,7 @@ struct MergeReport {
   std::vector<size_t> modules_applied;  // per adapter
   uint64_t bytes_read = 0, bytes_written = 0;
   double load_seconds = 0, total_seconds = 0;
+  double read_seconds = 0, compute_seconds = 0, write_seconds = 0;  // busy time of each pipeline stage
   std::vector<std::string> warnings;
 };
 
