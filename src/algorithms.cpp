@@ -16,11 +16,13 @@ Algorithm diag_oft_algorithm();  // modules/diag_oft.cpp
 Algorithm boft_algorithm();      // modules/boft.cpp
 Algorithm glora_algorithm();     // modules/glora.cpp
 Algorithm dylora_algorithm();    // modules/dylora.cpp (never detected: its files are LoRA files)
+Algorithm glokr_algorithm();     // modules/glokr.cpp  (ours: docs/glokr.md)
 
 const std::vector<Algorithm>& algorithms() {
   static const std::vector<Algorithm> all = {
       lora_algorithm(), loha_algorithm(),     ia3_algorithm(),  lokr_algorithm(),  full_algorithm(),
       norm_algorithm(), diag_oft_algorithm(), boft_algorithm(), glora_algorithm(), dylora_algorithm(),
+      glokr_algorithm(),
   };
   return all;
 }
