@@ -264,10 +264,20 @@ SafetensorsWriter::SafetensorsWriter(std::string path, std::vector<TensorDecl> t
   s.tmp = s.path + ".tmp-" + std::to_string(getpid()) + "-" + std::to_string(counter++);
   s.fd = ::open(s.tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
   if (s.fd < 0) throw IOError(s.path + ": cannot create temporary file " + s.tmp + ": " + errno_text());
-  uint8_t len[8];
-  for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(static_cast<uint64_t>(h.size()) >> (8 * i));
-  s.write_all(len, 8);
-  s.write_all(h.data(), h.size());
+  try {
+    // Reserve the whole file up front: early ENOSPC, and contiguous allocation for large files.
+    if (offset > 0 && fallocate(s.fd, 0, 0, static_cast<off_t>(8 + h.size() + offset)) != 0 && errno == ENOSPC)
+      s.io_fail("not enough space");
+    uint8_t len[8];
+    for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(static_cast<uint64_t>(h.size()) >> (8 * i));
+    s.write_all(len, 8);
+    s.write_all(h.data(), h.size());
+  } catch (...) {
+    // The destructor does not run for a constructor that throws: clean up here.
+    ::close(s.fd);
+    ::unlink(s.tmp.c_str());
+    throw;
+  }
 }
 
 SafetensorsWriter::~SafetensorsWriter() {
