@@ -29,9 +29,17 @@ torch::Tensor a_matrix(const LayerSpec& layer, const Weights& w) {
 
 torch::Tensor diff_weight(const LayerSpec& layer, const Weights& w, const torch::Tensor& W, double scale) {
   const auto dtype = w.a.w1.scalar_type();
-  auto A = to_compute(a_matrix(layer, w), W);
-  // (W ×_in A)[o, j, κ] = Σ_i W[o, i, κ] · A[i, j]
-  auto WA = torch::matmul(to_compute(W, W).movedim(1, -1), A).movedim(-1, 1);
+  // (W ×_in A)[o, j, κ] = Σ_i W[o, i, κ] · A[i, j] = (Aᵀ W[o, :, κ])[j] with Aᵀ = A1ᵀ ⊗ A2ᵀ: the LoKr
+  // reshape trick on each row of W, O·k·I·(p + q) flops instead of O·k·I² and A never formed
+  lokr::Weights at;
+  at.w1 = w.a.w1.t();
+  if (w.a.w2.defined()) {
+    at.w2 = w.a.w2.t();
+  } else {
+    at.w2a = w.a.w2b.t();  // (A2a·A2b)ᵀ = A2bᵀ·A2aᵀ
+    at.w2b = w.a.w2a.t();
+  }
+  auto WA = lokr::bypass_diff(to_compute(W, W).movedim(1, -1), channel_spec(layer), at, 1.0).movedim(-1, 1);
   auto B = to_compute(lokr::diff_weight(layer, w.b, 1.0), W);
   return ((WA + B) * scale).to(dtype);
 }

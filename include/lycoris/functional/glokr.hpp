@@ -31,9 +31,9 @@ LayerSpec channel_spec(const LayerSpec& layer);
 bool all_full(const Weights& w);
 // Rank for s = alpha / r: A2b rows if A2 is low-rank, else the LoKr rank of B; 0 when all_full.
 int64_t rank(const Weights& w);
-// A = A1 ⊗ A2 (I × I) in the compute dtype (for rebuild and tests; bypass never forms it).
+// A = A1 ⊗ A2 (I × I) (for tests and inspection; neither diff_weight nor bypass_diff forms it).
 torch::Tensor a_matrix(const LayerSpec& layer, const Weights& w);
-// ΔW = scale · (W ×_in A + B), computed in the compute dtype of W, returned in the factors' dtype (as LoKr).
+// ΔW = scale · (W ×_in A + B), W ×_in A by the reshape trick on W's rows (Aᵀ = A1ᵀ ⊗ A2ᵀ), computed in the compute dtype of W, returned in the factors' dtype (as LoKr).
 torch::Tensor diff_weight(const LayerSpec& layer, const Weights& w, const torch::Tensor& W, double scale);
 // ΔW·x without forming A, B or ΔW: W (no bias) applied to scale·(A x), where A x is the LoKr reshape trick
 // on the channel axis, plus the LoKr bypass of scale·B. In x's dtype.
