@@ -5,7 +5,7 @@
 // 3. Report parameters, saved file size, ms/step, new-class test accuracy (classes 8–9, 10-way) and
 //    forgetting (old-class test accuracy before − after).
 // Rebuild mode (W' formed each step) unless the config says bypass.
-// Usage: glokr_compare [fashion-mnist dir] [steps]
+// Usage: glokr_compare [fashion-mnist dir] [steps] [seed]
 #include <torch/torch.h>
 
 #include <chrono>
@@ -63,6 +63,7 @@ torch::Tensor select(const torch::Tensor& labels, bool new_class) {
 int main(int argc, char** argv) {
   const std::string dir = argc > 1 ? argv[1] : "/usr/share/datasets/fashion-mnist";
   const int steps = argc > 2 ? std::stoi(argv[2]) : 400;
+  const int seed = argc > 3 ? std::stoi(argv[3]) : 1;  // adapter init + batch order (the base model is fixed)
   torch::manual_seed(0);
   torch::set_num_threads(1);
   auto train = data::read_idx_dataset(dir, "train");
@@ -114,7 +115,7 @@ int main(int argc, char** argv) {
   const auto tmp = std::filesystem::temp_directory_path() / "glokr_compare";
   std::filesystem::create_directories(tmp);
   for (auto& c : configs) {
-    torch::manual_seed(1);
+    torch::manual_seed(seed);
     std::vector<AdapterPtr> ad;
     std::vector<torch::Tensor> params;
     int64_t n_params = 0;
