@@ -1,0 +1,179 @@
+#include "lycoris/modules/lokr.hpp"
+
+#include <torch/torch.h>
+
+#include "lycoris/error.hpp"
+#include "lycoris/functional/common.hpp"
+#include "lycoris/functional/dora.hpp"
+
+namespace lycoris {
+
+namespace F = functional;
+
+LoKrImpl::LoKrImpl(LayerSpec layer, AdapterOptions options) : LowRankAdapter("lokr", std::move(layer), std::move(options)) {
+  check_low_rank_options(layer_, options_, "lokr");
+  const auto& o = options_;
+  auto layout = F::lokr::choose_layout(layer_, o.rank(), o.factor(), o.decompose_both(), o.full_matrix(),
+                                       o.unbalanced_factorization(), o.tucker());
+  setup(F::lokr::init_weights(layer_, layout, o.rank(), o.use_scalar()), {});
+  rank_ = o.rank();
+  // both factors full: the reference stores alpha = rank (the scale is 1 either way)
+  alpha_ = F::lokr::both_full(weights()) ? static_cast<double>(o.rank()) : stored_alpha(o);
+}
+
+LoKrImpl::LoKrImpl(LayerSpec layer, AdapterOptions options, F::lokr::Weights w, double alpha, torch::Tensor ds)
+    : LowRankAdapter("lokr", std::move(layer), std::move(options)) {
+  alpha_ = alpha;
+  options_.use_scalar(false).rs_lora(false).dora(false);
+  setup(std::move(w), std::move(ds));
+  rank_ = F::lokr::rank(weights());
+  options_.rank(rank_).alpha(alpha_).tucker(lokr_t2.defined()).dora(dora_scale.defined());
+  options_.decompose_both(lokr_w1_a.defined()).full_matrix(F::lokr::both_full(weights()));
+  if (dora_scale.defined()) options_.wd_on_out(F::dora::on_out(dora_scale, layer_.weight_shape(), "lokr"));
+}
+
+void LoKrImpl::setup(F::lokr::Weights w, torch::Tensor ds) {
+  auto reg = [&](const char* name, const torch::Tensor& t) {
+    return t.defined() ? register_parameter(name, t) : torch::Tensor();
+  };
+  lokr_w1 = reg("lokr_w1", w.w1);
+  lokr_w1_a = reg("lokr_w1_a", w.w1a);
+  lokr_w1_b = reg("lokr_w1_b", w.w1b);
+  lokr_w2 = reg("lokr_w2", w.w2);
+  lokr_w2_a = reg("lokr_w2_a", w.w2a);
+  lokr_w2_b = reg("lokr_w2_b", w.w2b);
+  lokr_t2 = reg("lokr_t2", w.t2);
+  setup_common((lokr_w1.defined() ? lokr_w1 : lokr_w1_a).options(), std::move(ds));
+}
+
+double LoKrImpl::scale() const {
+  return lokr_w1.defined() && lokr_w2.defined() ? 1.0 : alpha_ / static_cast<double>(rank_);
+}
+
+F::lokr::Weights LoKrImpl::weights() const {
+  F::lokr::Weights w{lokr_w1, lokr_w1_a, lokr_w1_b, lokr_w2, lokr_w2_a, lokr_w2_b, lokr_t2};
+  if (scalar.defined()) (w.w1.defined() ? w.w1 : w.w1a) = (w.w1.defined() ? w.w1 : w.w1a) * scalar;
+  return w;
+}
+
+torch::Tensor LoKrImpl::raw_diff() { return F::lokr::diff_weight(layer_, weights(), scale()); }
+
+torch::Tensor LoKrImpl::raw_bypass(const torch::Tensor& x, double m) {
+  return drop_out_channels(F::lokr::bypass_diff(x, layer_, weights(), scale() * m));
+}
+
+NamedTensors LoKrImpl::file_tensors() const {
+  NamedTensors out;
+  out.emplace_back("alpha", torch::scalar_tensor(alpha_, torch::kFloat32));
+  if (dora_scale.defined()) out.emplace_back("dora_scale", dora_scale.detach());
+  auto w = weights();
+  for (auto [key, t] : {std::pair<const char*, torch::Tensor>{"lokr_w1", w.w1}, {"lokr_w1_a", w.w1a},
+                        {"lokr_w1_b", w.w1b}, {"lokr_w2", w.w2}, {"lokr_w2_a", w.w2a}, {"lokr_w2_b", w.w2b},
+                        {"lokr_t2", w.t2}})
+    if (t.defined()) out.emplace_back(key, t.detach());
+  return out;
+}
+
+namespace {
+
+AdapterPtr load_lokr(const std::string& module, const TensorMap& t, const LayerSpec& layer) {
+  F::expect_keys(t,
+                 {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha",
+                  "dora_scale"},
+                 module, "lokr");
+  if (auto why = F::unsupported_layer(layer); !why.empty()) throw ShapeError(module + ": " + why);
+  auto opt = [&](const char* k) { return F::optional(t, k); };
+  auto two_d = [&](const torch::Tensor& x, const char* key) {
+    if (x.dim() != 2) throw ShapeError(module + "." + key + ": expected 2 dims, got " + F::shape_str(x.sizes()));
+  };
+  const int64_t O = layer.out_features, I = layer.in_features, k = layer.kernel_numel();
+  F::lokr::Weights w;
+  // W1 (a, c)
+  int64_t a, c;
+  if (auto w1 = opt("lokr_w1"); w1.defined()) {
+    if (t.count("lokr_w1_a") || t.count("lokr_w1_b"))
+      throw KeyError(module + ": both 'lokr_w1' and 'lokr_w1_a'/'lokr_w1_b' present (ambiguous W1)");
+    two_d(w1, "lokr_w1");
+    a = w1.size(0);
+    c = w1.size(1);
+    w.w1 = F::owned_float(w1);
+  } else {
+    const auto& w1a = F::require(t, "lokr_w1_a", module);
+    const auto& w1b = F::require(t, "lokr_w1_b", module);
+    two_d(w1a, "lokr_w1_a");
+    two_d(w1b, "lokr_w1_b");
+    a = w1a.size(0);
+    c = w1b.size(1);
+    F::expect_shape(w1b, {w1a.size(1), c}, module, "lokr_w1_b", "rank " + std::to_string(w1a.size(1)) + " from lokr_w1_a");
+    w.w1a = F::owned_float(w1a);
+    w.w1b = F::owned_float(w1b);
+  }
+  if (O % a != 0 || I % c != 0)
+    throw ShapeError(module + ": W1 of shape [" + std::to_string(a) + ", " + std::to_string(c) +
+                     "] does not divide " + layer.describe());
+  const int64_t p = O / a, q = I / c;
+  std::vector<int64_t> kernel = layer.kernel;
+  auto with_kernel = [&](std::vector<int64_t> s) {
+    s.insert(s.end(), kernel.begin(), kernel.end());
+    return s;
+  };
+  const std::string why = "W1 [" + std::to_string(a) + ", " + std::to_string(c) + "] on " + layer.describe();
+  // W2 (p, q, *K)
+  if (auto w2 = opt("lokr_w2"); w2.defined()) {
+    if (t.count("lokr_w2_a") || t.count("lokr_w2_b") || t.count("lokr_t2"))
+      throw KeyError(module + ": both 'lokr_w2' and 'lokr_w2_a'/'lokr_w2_b'/'lokr_t2' present (ambiguous W2)");
+    F::expect_shape(w2, with_kernel({p, q}), module, "lokr_w2", why);
+    w.w2 = F::owned_float(w2);
+  } else {
+    const auto& w2a = F::require(t, "lokr_w2_a", module);
+    const auto& w2b = F::require(t, "lokr_w2_b", module);
+    two_d(w2a, "lokr_w2_a");
+    two_d(w2b, "lokr_w2_b");
+    if (auto t2 = opt("lokr_t2"); t2.defined()) {
+      if (!layer.is_conv()) throw ShapeError(module + ".lokr_t2: Tucker factor on a non-conv layer " + layer.describe());
+      const int64_t r = t2.dim() > 0 ? t2.size(0) : 0;
+      F::expect_shape(t2, with_kernel({r, r}), module, "lokr_t2", why);
+      F::expect_shape(w2a, {r, p}, module, "lokr_w2_a", "Tucker rank " + std::to_string(r) + ", " + why);
+      F::expect_shape(w2b, {r, q}, module, "lokr_w2_b", "Tucker rank " + std::to_string(r) + ", " + why);
+      w.t2 = F::owned_float(t2);
+    } else {
+      const int64_t r = w2a.size(1);
+      F::expect_shape(w2a, {p, r}, module, "lokr_w2_a", why);
+      F::expect_shape(w2b, {r, q * k}, module, "lokr_w2_b", "rank " + std::to_string(r) + " from lokr_w2_a, " + why);
+    }
+    w.w2a = F::owned_float(w2a);
+    w.w2b = F::owned_float(w2b);
+  }
+  torch::Tensor ds;
+  if (auto d = opt("dora_scale"); d.defined()) {
+    F::dora::on_out(d, layer.weight_shape(), module);
+    ds = F::owned_float(d);
+  }
+  const int64_t r = F::lokr::rank(w);
+  const double alpha = read_alpha(t, module, r);
+  return std::make_shared<LoKrImpl>(layer, AdapterOptions().algo("lokr"), w, alpha, ds);
+}
+
+}  // namespace
+
+Algorithm lokr_algorithm() {
+  Algorithm a;
+  a.name = "lokr";
+  a.suffixes = {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha", "dora_scale"};
+  a.detect = [](const TensorMap& t) { return t.count("lokr_w1") > 0 || t.count("lokr_w1_a") > 0; };
+  a.load = load_lokr;
+  a.create = [](const LayerSpec& layer, const AdapterOptions& o) -> AdapterPtr {
+    return std::make_shared<LoKrImpl>(layer, o);
+  };
+  a.rank = [](const TensorMap& t) -> int64_t {
+    for (const char* key : {"lokr_w1_b", "lokr_t2", "lokr_w2_b"}) {
+      auto x = F::optional(t, key);
+      if (x.defined() && x.dim() > 0) return x.size(0);
+    }
+    return 0;
+  };
+  a.supports = [](const LayerSpec& layer) { return F::unsupported_layer(layer).empty(); };
+  return a;
+}
+
+}  // namespace lycoris
