@@ -1,0 +1,87 @@
+#include "lycoris/modules/dylora.hpp"
+
+#include <torch/torch.h>
+
+#include "lycoris/error.hpp"
+#include "lycoris/functional/common.hpp"
+
+namespace lycoris {
+
+namespace F = functional;
+
+DyLoRAImpl::DyLoRAImpl(LayerSpec layer, AdapterOptions options)
+    : LowRankAdapter("dylora", std::move(layer), std::move(options)) {
+  check_low_rank_options(layer_, options_, "dylora");
+  if (options_.block_size() < 1 || options_.rank() % options_.block_size() != 0)
+    throw OptionError("dylora on " + layer_.describe() + ": rank " + std::to_string(options_.rank()) +
+                      " is not a multiple of block_size " + std::to_string(options_.block_size()));
+  options_.tucker(false).dora(false).use_scalar(false);
+  block_size_ = options_.block_size();
+  alpha_ = options_.alpha() == 0 ? static_cast<double>(options_.rank()) : options_.alpha();  // raw alpha
+  auto w = F::lora::init_weights(layer_, options_.rank(), false, false);
+  lora_down = register_parameter("lora_down", w.down);
+  lora_up = register_parameter("lora_up", w.up);
+  setup_common(w.up.options(), {});
+  blocks_ = rank() / block_size_;
+}
+
+DyLoRAImpl::DyLoRAImpl(LayerSpec layer, AdapterOptions options, F::lora::Weights w, double alpha)
+    : LowRankAdapter("dylora", std::move(layer), std::move(options)) {
+  alpha_ = alpha;
+  options_.tucker(false).dora(false).use_scalar(false).rs_lora(false);
+  lora_down = register_parameter("lora_down", w.down);
+  lora_up = register_parameter("lora_up", w.up);
+  setup_common(w.up.options(), {});
+  block_size_ = rank() % options_.block_size() == 0 ? options_.block_size() : rank();
+  options_.rank(rank()).alpha(alpha_).block_size(block_size_);
+  blocks_ = rank() / block_size_;
+}
+
+void DyLoRAImpl::on_step() {
+  const int64_t nb = rank() / block_size_;
+  blocks_ = torch::randint(1, nb + 1, {1}).item<int64_t>();
+}
+
+torch::Tensor DyLoRAImpl::raw_diff() {
+  if (!is_training()) return F::lora::diff_weight(layer_, {lora_down, lora_up, {}}, alpha_ / rank());
+  const int64_t used = blocks_ * block_size_, fixed = used - block_size_;
+  // blocks before the last used one are constants; only the last used block gets gradient
+  auto down = torch::cat({lora_down.slice(0, 0, fixed).detach(), lora_down.slice(0, fixed, used)});
+  auto up = torch::cat({lora_up.slice(1, 0, fixed).detach(), lora_up.slice(1, fixed, used)}, 1);
+  return F::lora::diff_weight(layer_, {down, up, {}}, alpha_ / static_cast<double>(used));
+}
+
+NamedTensors DyLoRAImpl::file_tensors(int64_t r) const {
+  if (r < 1 || r > rank() || r % block_size_ != 0)
+    throw OptionError("dylora: cannot save at rank " + std::to_string(r) + " (full rank " + std::to_string(rank()) +
+                      ", block size " + std::to_string(block_size_) + ")");
+  // conv lora_up written (O, r, 1, …) — loadable by every LoRA reader (QUIRKS Q23 fix)
+  return {{"alpha", torch::scalar_tensor(alpha_, torch::kFloat32)},
+          {"lora_up.weight", lora_up.slice(1, 0, r).detach()},
+          {"lora_down.weight", lora_down.slice(0, 0, r).detach()}};
+}
+
+NamedTensors DyLoRAImpl::file_tensors() const { return file_tensors(rank()); }
+
+Algorithm dylora_algorithm() {
+  Algorithm a;
+  a.name = "dylora";
+  a.suffixes = {"lora_up.weight", "lora_down.weight", "alpha"};
+  a.detect = nullptr;  // never detected: DyLoRA files are LoRA files (FORMAT.md §3)
+  a.load = [](const std::string& module, const TensorMap& t, const LayerSpec& layer) -> AdapterPtr {
+    F::expect_keys(t, {"lora_up.weight", "lora_down.weight", "alpha"}, module, "dylora");
+    auto f = read_lora_file(module, t, layer);
+    return std::make_shared<DyLoRAImpl>(layer, AdapterOptions().algo("dylora"), f.weights, f.alpha);
+  };
+  a.create = [](const LayerSpec& layer, const AdapterOptions& o) -> AdapterPtr {
+    return std::make_shared<DyLoRAImpl>(layer, o);
+  };
+  a.rank = [](const TensorMap& t) -> int64_t {
+    auto d = F::optional(t, "lora_down.weight");
+    return d.defined() && d.dim() > 0 ? d.size(0) : 0;
+  };
+  a.supports = [](const LayerSpec& layer) { return F::unsupported_layer(layer).empty(); };
+  return a;
+}
+
+}  // namespace lycoris
