@@ -9,6 +9,8 @@ namespace lycoris {
 Algorithm boft_algorithm();
 }
 
+namespace boft_test {
+
 using namespace lycoris;
 
 TEST(BOFT, WorkedExample) {
@@ -118,3 +120,5 @@ TEST(BOFT, LowPrecisionHostAndModuleDropout) {
 TEST(BOFT, Golden) {
   for (const char* c : {"boft", "boft_constraint", "boft_rescaled"}) EXPECT_EQ(test::check_golden(c, {boft_algorithm()}), 9) << c;
 }
+
+}  // namespace boft_test

@@ -9,6 +9,8 @@ namespace lycoris {
 Algorithm diag_oft_algorithm();
 }
 
+namespace diag_oft_test {
+
 using namespace lycoris;
 
 TEST(DiagOFT, WorkedExample) {
@@ -136,3 +138,5 @@ TEST(DiagOFT, Golden) {
   for (const char* c : {"diag_oft", "diag_oft_constraint", "diag_oft_rescaled"})
     EXPECT_EQ(test::check_golden(c, {diag_oft_algorithm()}), 9) << c;
 }
+
+}  // namespace diag_oft_test

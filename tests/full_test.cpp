@@ -8,6 +8,8 @@ namespace lycoris {
 Algorithm full_algorithm();
 }
 
+namespace full_test {
+
 using namespace lycoris;
 
 TEST(Full, FormulaAndBiasCreation) {
@@ -72,3 +74,5 @@ TEST(Full, Golden) {
   EXPECT_EQ(test::check_golden("full", {full_algorithm()}), 9);
   EXPECT_EQ(test::check_golden("full_nobias", {full_algorithm()}), 9);
 }
+
+}  // namespace full_test

@@ -7,6 +7,8 @@
 #include "lycoris/modules/glokr.hpp"
 #include "lycoris/modules/lokr.hpp"
 
+namespace glokr_test {
+
 using namespace lycoris;
 
 namespace {
@@ -261,3 +263,5 @@ TEST(GLoKr, ModuleDropoutAndLowPrecisionHost) {
     test::expect_low_precision_host(*a, l, l.describe());
   }
 }
+
+}  // namespace glokr_test

@@ -8,6 +8,8 @@ namespace lycoris {
 Algorithm glora_algorithm();
 }
 
+namespace glora_test {
+
 using namespace lycoris;
 
 TEST(GLoRA, WorkedExample) {
@@ -153,3 +155,5 @@ TEST(GLoRA, BypassDropoutsOnlyInTraining) {
 }
 
 TEST(GLoRA, Golden) { EXPECT_EQ(test::check_golden("glora", {glora_algorithm()}), 9); }
+
+}  // namespace glora_test

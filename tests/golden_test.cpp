@@ -26,7 +26,7 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 namespace lycoris {
-namespace {
+namespace golden_test {
 
 const json& manifest() {
   static const json m = [] {

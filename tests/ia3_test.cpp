@@ -8,6 +8,8 @@ namespace lycoris {
 Algorithm ia3_algorithm();
 }
 
+namespace ia3_test {
+
 using namespace lycoris;
 
 TEST(IA3, FormulaBothAxes) {
@@ -100,3 +102,5 @@ TEST(IA3, Golden) {
   EXPECT_EQ(test::check_golden("ia3", {ia3_algorithm()}), 9);
   EXPECT_EQ(test::check_golden("ia3_input", {ia3_algorithm()}), 9);
 }
+
+}  // namespace ia3_test

@@ -12,6 +12,8 @@
 #include "lycoris/error.hpp"
 #include "test_util.hpp"
 
+namespace idx_test {
+
 namespace {
 
 using Bytes = std::vector<uint8_t>;
@@ -176,3 +178,5 @@ TEST(Idx, DatasetPairsImagesAndLabels) {
 }
 
 }  // namespace
+
+}  // namespace idx_test

@@ -10,6 +10,8 @@
 #include "lycoris/io/safetensors.hpp"
 #include "test_util.hpp"
 
+namespace info_test {
+
 using nlohmann::json;
 using namespace lycoris;
 
@@ -176,3 +178,5 @@ TEST(Info, MalformedFilesOneStderrLine) {
   EXPECT_NE(r.err.find("/nonexistent/x.safetensors"), std::string::npos);
   EXPECT_EQ(r.err.find('\n'), r.err.size() - 1);
 }
+
+}  // namespace info_test

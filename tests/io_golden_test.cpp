@@ -8,6 +8,8 @@
 #include "lycoris/io/safetensors.hpp"
 #include "test_util.hpp"
 
+namespace io_golden_test {
+
 namespace fs = std::filesystem;
 using nlohmann::json;
 using namespace lycoris;
@@ -154,3 +156,5 @@ TEST(IoGolden, KnownValues) {
   EXPECT_EQ(a.item<float>(), 2.0f);
   EXPECT_EQ(fp16.metadata().at("oracle_case"), "lora_scalar_fp16");
 }
+
+}  // namespace io_golden_test

@@ -10,6 +10,8 @@
 #include "lycoris/io/safetensors.hpp"
 #include "test_util.hpp"
 
+namespace io_malformed_test {
+
 namespace fs = std::filesystem;
 using namespace lycoris;
 using namespace lycoris::io;
@@ -114,3 +116,5 @@ TEST(IoMalformed, ValidTrickyFilesReadCorrectly) {
       SafetensorsFile::open(test::data_path("malformed/valid_padded_header.safetensors")).tensor("a"),
       torch::tensor({1.0f})));
 }
+
+}  // namespace io_malformed_test

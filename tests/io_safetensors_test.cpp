@@ -11,6 +11,8 @@
 #include "lycoris/io/safetensors.hpp"
 #include "test_util.hpp"
 
+namespace io_safetensors_test {
+
 namespace fs = std::filesystem;
 using namespace lycoris;
 using namespace lycoris::io;
@@ -330,3 +332,5 @@ TEST(IoSafetensors, OpenErrors) {
     EXPECT_NE(std::string(e.what()).find("k.safetensors: no tensor named 'b'"), std::string::npos);
   }
 }
+
+}  // namespace io_safetensors_test

@@ -8,6 +8,8 @@
 #include "lycoris/functional/lokr.hpp"
 #include "test_util.hpp"
 
+namespace lowrank_examples_test {
+
 using namespace lycoris;
 using lycoris::test::all_close;
 using P = std::pair<int64_t, int64_t>;
@@ -112,3 +114,5 @@ TEST(LowRank, Malformed) {
   EXPECT_THROW(load_adapter("m", {{"lora_up.weight", torch::zeros({3, 2})}, {"lora_down.weight", torch::zeros({2, 4})}, {"foo", torch::zeros({1})}}, layer), KeyError);
   EXPECT_THROW(find_algorithm("dylora").create(layer, AdapterOptions().rank(6).block_size(4)), OptionError);
 }
+
+}  // namespace lowrank_examples_test

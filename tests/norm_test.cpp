@@ -7,6 +7,8 @@ namespace lycoris {
 Algorithm norm_algorithm();
 }
 
+namespace norm_test {
+
 using namespace lycoris;
 
 namespace {
@@ -113,3 +115,5 @@ TEST(Norm, ModuleAndChannelDropout) {
 }
 
 TEST(Norm, Golden) { EXPECT_EQ(test::check_golden("norm", {norm_algorithm()}), 3); }
+
+}  // namespace norm_test
