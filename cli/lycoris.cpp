@@ -13,6 +13,10 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   lycoris::cli::register_info(app);
   lycoris::cli::register_merge(app);
+  lycoris::cli::register_convert(app);
+  lycoris::cli::register_check(app);
+  lycoris::cli::register_extract(app);
+  lycoris::cli::register_resize(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

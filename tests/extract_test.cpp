@@ -1,0 +1,396 @@
+// `lycoris extract`: rank rules against matrices with known singular values, Eckart–Young optimality on the
+// golden cases (base + merged(golden adapter)), exact Kronecker / Tucker recovery, the LoHa bound, the sparse
+// bias, the randomized SVD, and clear errors (library and CLI).
+#include <sys/wait.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <map>
+
+#include "lycoris/adapter_file.hpp"
+#include "lycoris/error.hpp"
+#include "lycoris/functional/svd.hpp"
+#include "lycoris/io/safetensors.hpp"
+#include "lycoris/tools/extract.hpp"
+#include "test_util.hpp"
+
+namespace extract_test {
+
+using namespace lycoris;
+using namespace lycoris::tools;
+namespace F = lycoris::functional;
+
+struct CliRun {
+  int code;
+  std::string err;
+};
+
+CliRun run_cli(const std::string& args) {
+  static const std::string dir = test::temp_dir("extract_cli");
+  const std::string err = dir + "/err";
+  int status = std::system((std::string("'") + LYCORIS_CLI + "' " + args + " >/dev/null 2>'" + err + "'").c_str());
+  std::ifstream in(err);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, std::string(std::istreambuf_iterator<char>(in), {})};
+}
+
+// A (m, n) matrix with exactly the singular values s (random orthonormal U, V).
+torch::Tensor with_singular_values(int64_t m, int64_t n, const std::vector<double>& s, torch::ScalarType dt) {
+  auto opts = torch::TensorOptions().dtype(dt);
+  const int64_t k = static_cast<int64_t>(s.size());
+  auto U = std::get<0>(torch::linalg_qr(torch::randn({m, k}, opts)));
+  auto V = std::get<0>(torch::linalg_qr(torch::randn({n, k}, opts)));
+  return (U * torch::tensor(s, opts).unsqueeze(0)).matmul(V.t());
+}
+
+// base weight key → tuned − base for every floating weight of the golden case (merged at m = 1).
+std::map<std::string, torch::Tensor> golden_deltas(const std::string& c) {
+  auto base = io::SafetensorsFile::open(test::data_path("golden/" + c + "/base.safetensors"));
+  auto merged = io::SafetensorsFile::open(test::data_path("golden/" + c + "/merged_m1.safetensors"));
+  std::map<std::string, torch::Tensor> out;
+  for (const auto& name : base.names())
+    if (name.size() > 7 && name.compare(name.size() - 7, 7, ".weight") == 0)
+      out[name] = merged.tensor(name, torch::kFloat64) - base.tensor(name, torch::kFloat64);
+  return out;
+}
+
+// base weight key → ΔW of an adapter file, read by our loader (independent of the extraction code).
+std::map<std::string, torch::Tensor> file_deltas(const std::string& adapter, const std::string& base) {
+  auto loaded = load_adapter_for_base(adapter, base);
+  auto file = io::SafetensorsFile::open(base);
+  std::map<std::string, torch::Tensor> out;
+  for (const auto& m : loaded.modules) {
+    auto W = file.tensor(m.target.layer.weight_key, torch::kFloat32);
+    out[m.target.layer.weight_key] = (m.adapter->apply_weight(W, 1.0) - W).to(torch::kFloat64);
+  }
+  return out;
+}
+
+double tail_norm(const torch::Tensor& D, int64_t r) {
+  auto s = torch::linalg_svdvals(D.reshape({D.size(0), -1}).to(torch::kFloat64));
+  return s.narrow(0, r, s.size(0) - r).square().sum().sqrt().item<double>();
+}
+
+ExtractOptions fp32(ExtractOptions o) {
+  o.dtype = torch::kFloat32;
+  o.svd = F::SVDMethod::Full;
+  return o;
+}
+
+// ---------------------------------------------------------------- rank rules
+
+TEST(ExtractRank, RulesOnKnownSingularValues) {
+  auto S = torch::tensor({8.0, 4.0, 2.0, 1.0, 0.5, 0.25}, torch::kFloat64);  // Σσ = 15.75
+  EXPECT_EQ(select_rank(S, {RankMode::Fixed, 3}), 3);
+  EXPECT_EQ(select_rank(S, {RankMode::Threshold, 1.0}), 3);   // σ > 1 strictly: 8, 4, 2
+  EXPECT_EQ(select_rank(S, {RankMode::Threshold, 0.9}), 4);
+  EXPECT_EQ(select_rank(S, {RankMode::Ratio, 0.25}), 2);      // σ > 2 strictly: 8, 4
+  EXPECT_EQ(select_rank(S, {RankMode::Ratio, 0.2}), 3);
+  EXPECT_EQ(select_rank(S, {RankMode::Quantile, 0.8}), 2);    // cumsum 8, 12 < 12.6; 14 is not
+  EXPECT_EQ(select_rank(S, {RankMode::Quantile, 12.0 / 15.75}), 1);  // the crossing component is not kept
+  EXPECT_EQ(select_rank(S, {RankMode::Quantile, 0.1}), 0);    // → 1 after the clamp
+  EXPECT_EQ(clamp_rank(0, 12, 16), 1);
+  EXPECT_EQ(clamp_rank(40, 12, 16), 12);
+  EXPECT_EQ(clamp_rank(40, 64, 3), 3);  // I is the channel count
+  // TOOLS.md §3 quantile check: fractions 0.162, 0.297, 0.420, 0.535 → r = 3 at q = 0.5, r = 1 at q = 0.1
+  auto T = torch::tensor({6.763, 5.652, 5.163, 4.81, 4.5, 4.2, 3.9, 3.6, 3.42}, torch::kFloat64);
+  EXPECT_EQ(select_rank(T, {RankMode::Quantile, 0.5}), 3);
+  EXPECT_EQ(clamp_rank(select_rank(T, {RankMode::Quantile, 0.1}), 12, 16), 1);
+}
+
+TEST(ExtractRank, ModesSelectTheReferenceRankOnAMatrix) {
+  torch::manual_seed(1);
+  // 24×32 linear ΔW with σ = 10, 6, 3, 1.5, 0.7, 0.2 (far from every boundary below)
+  auto D = with_singular_values(24, 32, {10, 6, 3, 1.5, 0.7, 0.2}, torch::kFloat32);
+  auto rank_of = [&](RankMode mode, double p) {
+    ExtractOptions o;
+    o.mode = mode, o.linear_param = p;
+    return extract_layer(D, {}, o).rank;
+  };
+  EXPECT_EQ(rank_of(RankMode::Threshold, 2.0), 3);
+  EXPECT_EQ(rank_of(RankMode::Ratio, 0.1), 4);           // σ > 1
+  EXPECT_EQ(rank_of(RankMode::Quantile, 0.8), 2);        // Σσ = 21.4: cumsum 10, 16 < 17.12, 19 is not
+  EXPECT_EQ(rank_of(RankMode::Fixed, 5), 5);
+  EXPECT_EQ(rank_of(RankMode::Threshold, 100.0), 1);     // max(1, 0)
+  // full fallback at r ≥ O/2 (12 of 24), with diff_b carrying the bias change
+  ExtractOptions o;
+  o.linear_param = 12;
+  auto fit = extract_layer(D, torch::ones({24}), o);
+  EXPECT_EQ(fit.form, "diff");
+  ASSERT_EQ(fit.tensors.size(), 2u);
+  EXPECT_EQ(fit.tensors[1].first, "diff_b");
+  o.linear_param = 11;
+  fit = extract_layer(D, torch::ones({24}), o);
+  EXPECT_EQ(fit.form, "lora");
+  EXPECT_NE(fit.note.find("bias change dropped"), std::string::npos);
+  // reference layout: alpha (1,) = r, up (O, r) with the singular values, down (r, I) orthonormal rows
+  EXPECT_EQ(fit.tensors[0].first, "alpha");
+  EXPECT_EQ(fit.tensors[0].second.sizes(), torch::IntArrayRef({1}));
+  EXPECT_EQ(fit.tensors[0].second.item<double>(), 11);
+  auto down = fit.tensors[2].second;
+  EXPECT_TRUE(test::all_close(down.matmul(down.t()), torch::eye(11), 1e-4, 0, "down rows orthonormal"));
+}
+
+// ---------------------------------------------------------------- golden: Eckart–Young optimum
+
+TEST(ExtractGolden, LoConRecoversGoldenLoRAAndIsOptimalAtLowerRank) {
+  const std::string dir = test::temp_dir("extract_golden");
+  const std::string base = test::data_path("golden/lora/base.safetensors");
+  const std::string merged = test::data_path("golden/lora/merged_m1.safetensors");
+  auto truth = golden_deltas("lora");
+  for (int64_t r : {4, 1}) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    ExtractOptions o = fp32({});
+    o.linear_param = static_cast<double>(r), o.conv_param = static_cast<double>(std::min<int64_t>(r, 2));
+    const std::string out = dir + "/r" + std::to_string(r) + ".safetensors";
+    auto report = extract(base, merged, out, o);
+    auto got = file_deltas(out, base);
+    size_t changed = 0;
+    for (const auto& [key, D] : truth) {
+      if (D.abs().max().item<double>() == 0) continue;
+      ++changed;
+      ASSERT_TRUE(got.count(key)) << key;
+      const int64_t O = D.size(0), rank = D.dim() > 2 && D.numel() / (D.size(0) * D.size(1)) > 1
+                                             ? std::min<int64_t>(r, 2)
+                                             : r;
+      const double err = (got[key] - D).norm().item<double>();
+      const double optimum = static_cast<double>(rank) >= O / 2.0 ? 0.0 : tail_norm(D, rank);
+      EXPECT_NEAR(err, optimum, 2e-5 * D.norm().item<double>() + 1e-6) << key;
+    }
+    EXPECT_EQ(report.layers.size(), changed);
+    EXPECT_EQ(report.unchanged + changed, truth.size());
+    if (r == 4) EXPECT_LT(report.total_rel_error, 1e-5);
+  }
+  // names and alpha: lycoris_<path>, alpha (1,) = r
+  auto f = io::SafetensorsFile::open(dir + "/r4.safetensors");
+  EXPECT_TRUE(f.contains("lycoris_blocks_0_attn_to_q.lora_up.weight"));
+  EXPECT_EQ(f.tensor("lycoris_blocks_0_attn_to_q.alpha").sizes(), torch::IntArrayRef({1}));
+  EXPECT_EQ(f.tensor("lycoris_blocks_0_attn_to_q.alpha", torch::kFloat64).item<double>(), 4);
+  EXPECT_TRUE(f.contains("lycoris_blocks_0_ff_net_0.diff"));  // rank 4 ≥ 8/2: full difference
+  EXPECT_TRUE(f.contains("lycoris_blocks_0_ff_net_0.diff_b"));
+}
+
+TEST(ExtractGolden, LoKrRecoversGoldenKroneckerDelta) {
+  const std::string dir = test::temp_dir("extract_golden_lokr");
+  const std::string base = test::data_path("golden/lokr/base.safetensors");
+  ExtractOptions o = fp32({});
+  o.algo = ExtractAlgo::LoKr;
+  o.linear_param = 2, o.conv_param = 2;
+  auto report = extract(base, test::data_path("golden/lokr/merged_m1.safetensors"), dir + "/k.safetensors", o);
+  auto got = file_deltas(dir + "/k.safetensors", base);
+  for (const auto& [key, D] : golden_deltas("lokr")) {
+    if (D.abs().max().item<double>() == 0) continue;
+    ASSERT_TRUE(got.count(key)) << key;
+    EXPECT_LT((got[key] - D).norm().item<double>(), 1e-5 * D.norm().item<double>()) << key;
+  }
+  EXPECT_LT(report.total_rel_error, 1e-5);
+  for (const auto& l : report.layers) EXPECT_EQ(l.form.rfind("lokr", 0), 0u) << l.module;
+}
+
+TEST(ExtractGolden, KohyaPrefixAndFp16Output) {
+  const std::string dir = test::temp_dir("extract_kohya");
+  ExtractOptions o;
+  o.prefix = "kohya";
+  o.linear_param = 4, o.conv_param = 2;
+  auto report = extract(test::data_path("golden/lora/base.safetensors"),
+                        test::data_path("golden/lora/merged_m1.safetensors"), dir + "/k.safetensors", o);
+  auto f = io::SafetensorsFile::open(dir + "/k.safetensors");
+  EXPECT_TRUE(f.contains("lora_unet_blocks_0_attn_to_q.lora_down.weight"));
+  EXPECT_EQ(f.info("lora_unet_blocks_0_attn_to_q.lora_down.weight").dtype, io::DType::F16);
+  EXPECT_EQ(f.info("lora_unet_blocks_0_attn_to_q.alpha").dtype, io::DType::F16);
+  EXPECT_LT(report.total_rel_error, 2e-3);  // fp16 rounding only
+}
+
+// ---------------------------------------------------------------- LoKr, Tucker, LoHa, sparse bias
+
+TEST(ExtractFits, LoKrRecoversExactKroneckerProducts) {
+  torch::manual_seed(2);
+  // Linear 12×16: (a, p) = (3, 4), (c, q) = (4, 4); W2 full (rank 2 ≥ 4/2)
+  auto W1 = torch::randn({3, 4}), W2 = torch::randn({4, 4});
+  auto D = torch::kron(W1, W2);
+  auto fit = fit_lokr(D, 2);
+  EXPECT_EQ(fit.form, "lokr(full w2)");
+  EXPECT_LT((fit_delta(fit, D.sizes()) - D).norm().item<double>(), 1e-5 * D.norm().item<double>());
+  // Linear 64×64 with a rank-1 W2 (8×8): low-rank w2_a (8, 1), w2_b (1, 8)
+  auto V1 = torch::randn({8, 8}), V2 = torch::randn({8, 1}).matmul(torch::randn({1, 8}));
+  D = torch::kron(V1, V2);
+  fit = fit_lokr(D, 1);
+  EXPECT_EQ(fit.form, "lokr");
+  TensorMap m(fit.tensors.begin(), fit.tensors.end());
+  EXPECT_EQ(m.at("lokr_w2_a").sizes(), torch::IntArrayRef({8, 1}));
+  EXPECT_EQ(m.at("lokr_w2_b").sizes(), torch::IntArrayRef({1, 8}));
+  EXPECT_LT((fit_delta(fit, D.sizes()) - D).norm().item<double>(), 1e-5 * D.norm().item<double>());
+  // Conv2d 16×8×3×3: (4, 4), (2, 4); W2 (4, 4, 3, 3) of rank 1 as (4, 36)
+  auto C1 = torch::randn({4, 2}), C2 = torch::randn({4, 1}).matmul(torch::randn({1, 36})).reshape({4, 4, 3, 3});
+  D = (C1.reshape({4, 1, 2, 1, 1, 1}) * C2.reshape({1, 4, 1, 4, 3, 3})).reshape({16, 8, 3, 3});
+  fit = fit_lokr(D, 1);
+  EXPECT_EQ(fit.form, "lokr");
+  EXPECT_LT((fit_delta(fit, D.sizes()) - D).norm().item<double>(), 1e-5 * D.norm().item<double>());
+  // a rank-1 Kronecker fit of a general matrix is the nearest Kronecker product: better than W1 ⊗ W2 perturbed
+  auto G = torch::randn({12, 16});
+  auto g = fit_lokr(G, 2);
+  const double eg = (fit_delta(g, G.sizes()) - G).norm().item<double>();
+  TensorMap gm(g.tensors.begin(), g.tensors.end());
+  auto perturbed = torch::kron(gm.at("lokr_w1") * 1.01, gm.at("lokr_w2"));
+  EXPECT_LT(eg, (perturbed - G).norm().item<double>());
+}
+
+TEST(ExtractFits, TuckerLayoutAndExactnessOnATuckerDelta) {
+  torch::manual_seed(3);
+  // ΔW = up · mid · down (reference Tucker form), 12×16×3×3, r = 2: recovered exactly
+  auto up = torch::randn({12, 2}), mid = torch::randn({2, 2, 3, 3}), down = torch::randn({2, 16});
+  auto D = torch::einsum("oi,ijhw,jc->ochw", {up, mid, down}).contiguous();
+  ExtractOptions o;
+  o.tucker = true;
+  auto fit = fit_locon(D, 2, o);
+  EXPECT_EQ(fit.form, "lora+tucker");
+  TensorMap m(fit.tensors.begin(), fit.tensors.end());
+  EXPECT_EQ(m.at("lora_down.weight").sizes(), torch::IntArrayRef({2, 16, 1, 1}));
+  EXPECT_EQ(m.at("lora_mid.weight").sizes(), torch::IntArrayRef({2, 2, 3, 3}));
+  EXPECT_EQ(m.at("lora_up.weight").sizes(), torch::IntArrayRef({12, 2, 1, 1}));
+  EXPECT_LT((fit_delta(fit, D.sizes()) - D).norm().item<double>(), 1e-4 * D.norm().item<double>());
+  // a general conv difference: the second truncation can only lose (TOOLS.md §2.2)
+  auto G = torch::randn({12, 16, 3, 3});
+  auto plain = fit_locon(G, 3), tucker = fit_locon(G, 3, o);
+  const double ep = (fit_delta(plain, G.sizes()) - G).norm().item<double>();
+  const double et = (fit_delta(tucker, G.sizes()) - G).norm().item<double>();
+  EXPECT_NEAR(ep, tail_norm(G, 3), 1e-4 * G.norm().item<double>());
+  EXPECT_GE(et, ep - 1e-5);
+}
+
+TEST(ExtractFits, LoHaNeverWorseThanLoConAtRankAndFitsHadamardTargets) {
+  torch::manual_seed(4);
+  // documented bound: LoHa rank r ≤ LoCon rank r (ALS starts there and keeps its best iterate)
+  auto G = torch::randn({24, 40});
+  for (int64_t r : {1, 2, 4}) {
+    const double loha = (fit_delta(fit_loha(G, r), G.sizes()) - G).norm().item<double>();
+    EXPECT_LE(loha, tail_norm(G, r) * (1 + 1e-5)) << "rank " << r;
+  }
+  // an exact Hadamard product of two rank-3 matrices (rank up to 9): LoHa rank 3 beats LoCon at the same
+  // parameter count (rank 6)
+  auto H = torch::randn({24, 3}).matmul(torch::randn({3, 40})) * torch::randn({24, 3}).matmul(torch::randn({3, 40}));
+  ExtractOptions o;
+  o.loha_iters = 100;
+  auto fit = fit_loha(H, 3, o);
+  const double loha = (fit_delta(fit, H.sizes()) - H).norm().item<double>();
+  EXPECT_LT(loha, tail_norm(H, 6));
+  EXPECT_LT(loha, 0.05 * H.norm().item<double>());
+  // the conv layout: w1b/w2b are (r, I·k)
+  auto C = torch::randn({8, 4, 3, 3});
+  TensorMap m;
+  auto cf = fit_loha(C, 2);
+  m.insert(cf.tensors.begin(), cf.tensors.end());
+  EXPECT_EQ(m.at("hada_w1_b").sizes(), torch::IntArrayRef({2, 36}));
+  EXPECT_LE((fit_delta(cf, C.sizes()) - C).norm().item<double>(), tail_norm(C, 2) * (1 + 1e-5));
+}
+
+TEST(ExtractFits, SparseBiasKeepsTheLargestResidualEntries) {
+  torch::manual_seed(5);
+  auto D = torch::randn({12, 16});
+  ExtractOptions o;
+  o.sparse_bias = true, o.sparsity = 0.9;
+  auto fit = fit_locon(D, 2, o);
+  TensorMap m(fit.tensors.begin(), fit.tensors.end());
+  ASSERT_TRUE(m.count("bias_indices"));
+  // numpy quantile position (192 − 1)·0.9 = 171.9: the 20 entries ranked 172…191 are kept
+  EXPECT_EQ(m.at("bias_indices").sizes(), torch::IntArrayRef({2, 20}));
+  EXPECT_EQ(m.at("bias_indices").scalar_type(), torch::kInt16);
+  EXPECT_EQ(m.at("bias_size").scalar_type(), torch::kInt16);
+  EXPECT_EQ(m.at("bias_size").to(torch::kInt64)[1].item<int64_t>(), 16);
+  auto lowrank = fit_locon(D, 2);
+  auto E = D - fit_delta(lowrank, D.sizes());
+  auto top = std::get<0>(E.abs().flatten().topk(20));
+  auto vals = m.at("bias_values").abs();
+  EXPECT_TRUE(test::all_close(std::get<0>(vals.sort(0, true)), top, 1e-6, 0, "kept = largest |residual|"));
+  // the loader adds the sparse residual: the file's ΔW is closer than the low-rank part alone
+  const double with = (fit_delta(fit, D.sizes()) - D).norm().item<double>();
+  const double expect2 = E.square().sum().item<double>() - top.square().sum().item<double>();
+  EXPECT_NEAR(with * with, expect2, 1e-4 * E.square().sum().item<double>());
+}
+
+// ---------------------------------------------------------------- randomized SVD
+
+TEST(ExtractSvd, RandomizedMatchesTheOptimumOnADecayingSpectrum) {
+  torch::manual_seed(6);
+  std::vector<double> s;
+  for (int i = 0; i < 60; ++i) s.push_back(std::pow(0.85, i));
+  auto M = with_singular_values(200, 300, s, torch::kFloat32);
+  auto full = F::svd_truncated(M, 8, F::SVDMethod::Full);
+  auto rnd = F::svd_truncated(M, 8, F::SVDMethod::Randomized);
+  const double ef = (M - full.reconstruct()).norm().item<double>();
+  const double er = (M - rnd.reconstruct()).norm().item<double>();
+  EXPECT_LE(er, ef * 1.01);
+  EXPECT_TRUE(test::all_close(rnd.S, full.S, 1e-4, 1e-3, "top singular values"));
+  EXPECT_TRUE(test::all_close(rnd.U.t().matmul(rnd.U), torch::eye(8), 1e-4, 0, "U orthonormal"));
+  // svd_product: exact SVD of A·B without forming it
+  auto A = torch::randn({50, 5}), B = torch::randn({5, 70});
+  auto p = F::svd_product(A, B);
+  EXPECT_TRUE(test::all_close(p.reconstruct(), A.matmul(B), 1e-4, 1e-4, "A·B"));
+  EXPECT_TRUE(test::all_close(p.S, torch::linalg_svdvals(A.matmul(B)).narrow(0, 0, 5), 1e-4, 1e-4, "σ"));
+}
+
+// ---------------------------------------------------------------- errors
+
+TEST(ExtractErrors, BadInputsAndOptions) {
+  const std::string dir = test::temp_dir("extract_errors");
+  io::save_file(dir + "/base.safetensors", {{"a.weight", torch::zeros({4, 3})}, {"b.weight", torch::zeros({4, 4})}});
+  io::save_file(dir + "/shape.safetensors", {{"a.weight", torch::ones({4, 4})}, {"b.weight", torch::ones({4, 4})}});
+  io::save_file(dir + "/missing.safetensors", {{"a.weight", torch::ones({4, 3})}});
+  const std::string out = dir + "/out.safetensors";
+  EXPECT_THROW(extract(dir + "/base.safetensors", dir + "/shape.safetensors", out, {}), ShapeError);
+  EXPECT_THROW(extract(dir + "/base.safetensors", dir + "/missing.safetensors", out, {}), KeyError);
+  EXPECT_THROW(extract(dir + "/base.safetensors", dir + "/nothing.safetensors", out, {}), Error);
+  EXPECT_FALSE(std::filesystem::exists(out));
+  try {
+    extract(dir + "/base.safetensors", dir + "/shape.safetensors", out, {});
+  } catch (const ShapeError& e) {
+    EXPECT_NE(std::string(e.what()).find("a.weight"), std::string::npos) << e.what();
+  }
+  // rank larger than the layer (layer-level fits)
+  EXPECT_THROW(fit_locon(torch::randn({4, 3}), 4), ShapeError);
+  EXPECT_THROW(fit_loha(torch::randn({4, 3}), 0), ShapeError);
+  EXPECT_THROW(fit_lokr(torch::randn({16, 16}), 5), ShapeError);  // W2 is 4×4
+  // bad option values
+  auto bad = [&](ExtractOptions o) { EXPECT_THROW(extract(dir + "/base.safetensors", dir + "/base.safetensors", out, o), OptionError); };
+  ExtractOptions o;
+  o.linear_param = 0;
+  bad(o);
+  o = {}, o.mode = RankMode::Ratio, o.conv_param = 1.5;
+  bad(o);
+  o = {}, o.mode = RankMode::Quantile, o.linear_param = -0.1;
+  bad(o);
+  o = {}, o.mode = RankMode::Threshold, o.linear_param = -1;
+  bad(o);
+  o = {}, o.sparse_bias = true, o.sparsity = 1.5;
+  bad(o);
+  o = {}, o.sparse_bias = true, o.algo = ExtractAlgo::LoHa;
+  bad(o);
+  EXPECT_THROW(parse_extract_algo("lycoris"), OptionError);
+  EXPECT_THROW(parse_rank_mode("percentile"), OptionError);
+}
+
+TEST(ExtractErrors, CliExitsNonZeroWithOneLine) {
+  const std::string dir = test::temp_dir("extract_cli_errors");
+  io::save_file(dir + "/base.safetensors", {{"a.weight", torch::zeros({4, 3})}});
+  io::save_file(dir + "/shape.safetensors", {{"a.weight", torch::ones({4, 4})}});
+  const std::string b = "'" + dir + "/base.safetensors' ";
+  for (const std::string args :
+       {"extract " + b + "'" + dir + "/shape.safetensors' -o '" + dir + "/o.safetensors'",
+        "extract " + b + b + "-o '" + dir + "/o.safetensors' --mode ratio --linear-ratio 2",
+        "extract " + b + b + "-o '" + dir + "/o.safetensors' --algo nope",
+        "extract " + b + b + "-o '" + dir + "/o.safetensors' --linear-dim 0",
+        "extract " + b + b + "-o '" + dir + "/o.safetensors' --dtype int8"}) {
+    auto r = run_cli(args);
+    EXPECT_EQ(r.code, 1) << args;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    EXPECT_EQ(r.err.rfind("lycoris: error: ", 0), 0u) << r.err;
+  }
+  EXPECT_FALSE(std::filesystem::exists(dir + "/o.safetensors"));
+  // a working run: exit 0
+  io::save_file(dir + "/tuned.safetensors", {{"a.weight", torch::randn({4, 3})}});
+  auto ok = run_cli("extract " + b + "'" + dir + "/tuned.safetensors' -o '" + dir + "/o.safetensors' --linear-dim 1");
+  EXPECT_EQ(ok.code, 0) << ok.err;
+  EXPECT_TRUE(std::filesystem::exists(dir + "/o.safetensors"));
+}
+
+}  // namespace extract_test
