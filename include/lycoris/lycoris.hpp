@@ -1,0 +1,17 @@
+// Umbrella header: the whole public API of lycoris-cpp.
+#pragma once
+#include "lycoris/adapter.hpp"
+#include "lycoris/adapter_file.hpp"
+#include "lycoris/algorithms.hpp"
+#include "lycoris/error.hpp"
+#include "lycoris/io/safetensors.hpp"
+#include "lycoris/layer.hpp"
+#include "lycoris/naming.hpp"
+#include "lycoris/network.hpp"
+#include "lycoris/nn/layers.hpp"
+#include "lycoris/options.hpp"
+#include "lycoris/preset.hpp"
+#include "lycoris/tools/extract.hpp"
+#include "lycoris/tools/merge.hpp"
+#include "lycoris/tools/resize.hpp"
+#include "lycoris/version.hpp"
