@@ -264,43 +264,45 @@ LayerFit fit_loha(const torch::Tensor& D_, int64_t rank, const ExtractOptions& o
   check_rank(rank, std::min(O, I), D, "loha", "at most min(out, in)");
   auto M = F::flat(D);
   const int64_t N = M.size(1);
-  // Start: (rank-r SVD) ⊙ (all ones) — exactly the rank-r LoCon approximation.
+  const double m2 = M.square().sum().item<double>();
+  auto error2 = [&](const torch::Tensor& P1, const torch::Tensor& P2) {
+    return (M - P1 * P2).square().sum().item<double>();
+  };
+  auto gen = at::detail::createCPUGenerator(o.randomized.seed);
+  auto randn = [&](int64_t r, int64_t c) {
+    return torch::randn({r, c}, gen, torch::TensorOptions().dtype(M.scalar_type())).to(M.device());
+  };
+  // Start 1: (rank-r SVD) ⊙ (all ones) — exactly the rank-r LoCon approximation (the documented bound).
   auto svd = F::svd_truncated(M, rank, o.svd, o.randomized);
   auto root = svd.S.sqrt();
   auto A1 = svd.U * root.unsqueeze(0), B1 = svd.Vh * root.unsqueeze(1);
   auto A2 = torch::zeros({O, rank}, M.options()), B2 = torch::zeros({rank, N}, M.options());
   A2.select(1, 0).fill_(1);
   B2.select(0, 0).fill_(1);
-  const double m2 = M.square().sum().item<double>();
-  auto error2 = [&](const torch::Tensor& P1, const torch::Tensor& P2) { return (M - P1 * P2).square().sum().item<double>(); };
-  auto P1 = A1.matmul(B1), P2 = A2.matmul(B2);
-  double best = error2(P1, P2);
+  double best = error2(A1.matmul(B1), A2.matmul(B2));
   auto best_f = std::vector<torch::Tensor>{A1, B1, A2, B2};
-  if (rank > 1 && o.loha_iters > 0 && best > 1e-12 * m2) {
-    // The unused terms of the second factor start small and random (exact zeros would stay zero under ALS).
-    auto gen = at::detail::createCPUGenerator(o.randomized.seed);
-    auto noise = [&](int64_t r, int64_t c) {
-      return torch::randn({r, c}, gen, torch::TensorOptions().dtype(M.scalar_type())).to(M.device()) * 1e-2;
-    };
-    A2.narrow(1, 1, rank - 1).copy_(noise(O, rank - 1));
-    B2.narrow(0, 1, rank - 1).copy_(noise(rank - 1, N));
-    P2 = A2.matmul(B2);
+  // ALS sweeps from a start; the best iterate over every start is kept.
+  auto run = [&](torch::Tensor a1, torch::Tensor b1, torch::Tensor a2, torch::Tensor b2) {
+    auto P1 = a1.matmul(b1), P2 = a2.matmul(b2);
     double prev = error2(P1, P2);
     for (int64_t it = 0; it < o.loha_iters; ++it) {
-      A1 = als_rows(M, B1, P2);
-      B1 = als_rows(M.t(), A1.t(), P2.t()).t();
-      P1 = A1.matmul(B1);
-      A2 = als_rows(M, B2, P1);
-      B2 = als_rows(M.t(), A2.t(), P1.t()).t();
-      P2 = A2.matmul(B2);
+      a1 = als_rows(M, b1, P2);
+      b1 = als_rows(M.t(), a1.t(), P2.t()).t();
+      P1 = a1.matmul(b1);
+      a2 = als_rows(M, b2, P1);
+      b2 = als_rows(M.t(), a2.t(), P1.t()).t();
+      P2 = a2.matmul(b2);
       const double e = error2(P1, P2);
-      if (e < best) {
-        best = e;
-        best_f = {A1, B1, A2, B2};
-      }
-      if (prev - e < 1e-4 * prev || e < 1e-12 * m2) break;
+      if (e < best) best = e, best_f = {a1, b1, a2, b2};
+      if (e < 1e-12 * m2 || (it >= 4 && prev - e < 1e-5 * prev)) break;
       prev = e;
     }
+  };
+  if (rank > 1 && o.loha_iters > 0 && best > 1e-12 * m2) {
+    // the unused terms of the second factor start small and random (exact zeros would stay zero under ALS)
+    A2.narrow(1, 1, rank - 1).copy_(randn(O, rank - 1) * 1e-2);
+    B2.narrow(0, 1, rank - 1).copy_(randn(rank - 1, N) * 1e-2);
+    run(A1, B1, A2, B2);
   }
   A1 = best_f[0], B1 = best_f[1], A2 = best_f[2], B2 = best_f[3];
   balance_terms(A1, B1);
