@@ -1,0 +1,311 @@
+// `lycoris check` (see include/lycoris/tools/check.hpp).
+#include "lycoris/tools/check.hpp"
+
+#include <torch/torch.h>
+
+#include <cmath>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+#include "lycoris/algorithms.hpp"
+#include "lycoris/error.hpp"
+#include "lycoris/functional/common.hpp"
+#include "lycoris/io/safetensors.hpp"
+#include "lycoris/layer.hpp"
+#include "lycoris/tools/convert.hpp"
+
+namespace lycoris::tools {
+
+namespace F = functional;
+
+namespace {
+
+// The dotted path with numbers wildcarded, from the end until two named components are included:
+// "down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_out.0" → "attn1.to_out.*".
+std::string family(const std::string& path) {
+  std::vector<std::string> parts;
+  std::stringstream ss(path);
+  for (std::string p; std::getline(ss, p, '.');) parts.push_back(p);
+  std::vector<std::string> kept;
+  int named = 0;
+  for (auto it = parts.rbegin(); it != parts.rend() && named < 2; ++it) {
+    const bool number = !it->empty() && std::all_of(it->begin(), it->end(), ::isdigit);
+    kept.push_back(number ? "*" : *it);
+    named += number ? 0 : 1;
+  }
+  std::string out;
+  for (auto it = kept.rbegin(); it != kept.rend(); ++it) out += (out.empty() ? "" : ".") + *it;
+  return out;
+}
+
+std::string join(const std::vector<std::string>& v, const std::string& sep, size_t max_items = SIZE_MAX) {
+  std::string out;
+  for (size_t i = 0; i < v.size() && i < max_items; ++i) out += (i ? sep : "") + v[i];
+  if (v.size() > max_items) out += sep + "… and " + std::to_string(v.size() - max_items) + " more";
+  return out;
+}
+
+bool has(const TensorMap& t, const char* k) { return t.count(k) > 0; }
+
+// Where other loaders read a module differently (LOADERS.md §2, QUIRKS.md); (topic, text) pairs.
+std::vector<std::pair<std::string, std::string>> loader_notes(const std::string& name, const Algorithm& algo,
+                                                              const TensorMap& t) {
+  std::vector<std::pair<std::string, std::string>> out;
+  const std::string& a = algo.name;
+  const int64_t rank = algo.rank ? algo.rank(t) : 0;
+  double alpha = std::nan("");
+  if (has(t, "alpha")) alpha = F::scalar_value(t.at("alpha"), name, "alpha");
+  if (auto it = t.find("dora_scale"); it != t.end()) {
+    const auto& d = it->second;
+    if (d.dim() >= 2 && d.size(0) == 1 && d.size(1) > 1)
+      out.emplace_back("DoRA on the input axis",
+                       "dora_scale (1, in, …) is the LyCORIS < 3.2 convention (wd_on_output=False): the reference "
+                       "LyCORIS ≥ 3.2 loader cannot load it (Q8); PEFT has no input-axis DoRA; ComfyUI detects the "
+                       "axis from the shape; stable-diffusion.cpp ignores dora_scale");
+    else
+      out.emplace_back("DoRA on the output axis",
+                       "dora_scale (out, 1, …): sd-webui always normalises per input column (silently wrong "
+                       "broadcast); ComfyUI uses ‖W‖ instead of ‖W+ΔW‖ on this axis (PR #15458); at strength m ≠ 1 "
+                       "ComfyUI/sd-webui interpolate W → W_dora linearly while LyCORIS renders (W+ΔW)·(m(g−1)+1) "
+                       "(Q6); stable-diffusion.cpp ignores dora_scale");
+  }
+  if ((a == "loha" || a == "lokr") && rank > 0 && !std::isnan(alpha) && alpha != static_cast<double>(rank))
+    out.emplace_back("LoHa/LoKr with alpha ≠ rank",
+                     "the reference LyCORIS tools/merge.py applies alpha/rank twice (Q1); ComfyUI, sd-webui, "
+                     "stable-diffusion.cpp, PEFT and this tool apply it once");
+  if (a == "lokr") {
+    if (rank == 0 && !std::isnan(alpha) && alpha != 1.0)
+      out.emplace_back("LoKr with both factors full",
+                       "LyCORIS and ComfyUI ignore alpha (scale 1); PEFT applies lora_alpha/r");
+    if (rank == 1 && !std::isnan(alpha) && alpha != 1.0)
+      out.emplace_back("rank-1 LoKr", "stable-diffusion.cpp uses scale 1 for rank-1 LoKr (LyCORIS: alpha/1)");
+    if (has(t, "lokr_t2"))
+      out.emplace_back("LoKr Tucker", "stable-diffusion.cpp leaves lokr_t2 modules unused; the reference LyCORIS "
+                                      "loader fails on Tucker LoKr files (Q4)");
+    if (has(t, "lokr_w2") && t.at("lokr_w2").dim() > 2)
+      out.emplace_back("LoKr conv with a full 4-D lokr_w2",
+                       "stable-diffusion.cpp's per-dimension Kronecker puts lokr_w1 on the kernel dimensions "
+                       "(unverified by execution)");
+  }
+  if (a == "lora") {
+    if (has(t, "lora_mid.weight"))
+      out.emplace_back("LoRA Tucker core", "kohya sd-scripts LoRA has no lora_mid (cannot load it); ComfyUI, sd-webui "
+                                           "and stable-diffusion.cpp read it");
+    const auto& up = t.at("lora_up.weight");
+    if (has(t, "lora_down.weight") && t.at("lora_down.weight").dim() > 2 && up.dim() == 2)
+      out.emplace_back("2-D conv lora_up (DyLoRA)", "the reference LyCORIS loader cannot load a 2-D conv lora_up (Q23)");
+  }
+  if ((a == "lora" || a == "loha" || a == "lokr" || a == "glora") && rank > 0 && std::isnan(alpha))
+    out.emplace_back("no alpha", "the reference LyCORIS loader crashes without alpha (Q31); this tool, ComfyUI and "
+                                 "sd-webui use scale 1 (alpha = rank)");
+  if (a == "diag-oft" || a == "boft") {
+    if (!std::isnan(alpha) && alpha != 0)
+      out.emplace_back("OFT/BOFT constraint units",
+                       "alpha is the constraint: LyCORIS and sd-webui clip ‖Q‖ at alpha·out_features (Q20), "
+                       "ComfyUI at alpha (out_features times tighter)");
+    if (!std::isnan(alpha) && alpha == 0)
+      out.emplace_back("OFT constraint 0", "older sd-webui clamps ‖Q‖ to alpha·out = 0: the adapter does nothing there");
+    out.emplace_back("OFT/BOFT strength", "ComfyUI applies the strength twice (s² for Diag-OFT, per factor and again "
+                                          "for BOFT), sd-webui linearly on ΔW; all agree at strength 1; PEFT OFT/BOFT "
+                                          "files are not compatible; stable-diffusion.cpp has no OFT");
+    if (has(t, "rescale"))
+      out.emplace_back("OFT rescale", "ComfyUI ignores 'rescale'; LyCORIS applies it fully at any strength (Q19)");
+  }
+  if (a == "ia3")
+    out.emplace_back("(IA)^3", "ComfyUI and stable-diffusion.cpp do not load (IA)^3 ('lora key not loaded'); the "
+                               "reference LyCORIS cannot load it (Q10); PEFT's ia3_l = 1 + weight; sd-webui does not "
+                               "broadcast conv vectors");
+  if (a == "glora")
+    out.emplace_back("GLoRA", "sd-webui reads the old GLoRA layout (shape error on current files) and ignores alpha; "
+                              "PEFT's GLoRA is a different algorithm; stable-diffusion.cpp has no GLoRA");
+  if (a == "full" && has(t, "diff_b"))
+    out.emplace_back("Full with diff_b", "the reference LyCORIS merge crashes on Full modules with a bias (Q24)");
+  if (a == "norm")
+    out.emplace_back("Norm", "sd-webui needs both w_norm and b_norm; stable-diffusion.cpp does not apply them");
+  if (a == "glokr") out.emplace_back("GLoKr", "lycoris-cpp's own algorithm (docs/glokr.md): no other loader reads it");
+  if (has(t, "bias_indices") || has(t, "bias_values"))
+    out.emplace_back("sparse bias", "bias_indices/bias_values/bias_size are ignored by every loader (and here)");
+  return out;
+}
+
+}  // namespace
+
+size_t CheckReport::problems() const {
+  size_t n = 0;
+  for (const auto& m : modules) n += m.problems.empty() ? 0 : 1;
+  return n;
+}
+
+CheckReport check(const std::string& adapter_path, const std::string& base_path, naming::BaseFormat format) {
+  CheckReport report;
+  report.adapter = adapter_path;
+  report.base = base_path;
+  const auto base = io::SafetensorsFile::open(base_path);
+  auto adapter = read_adapter(adapter_path);
+  report.adapter_format = to_string(adapter.format);
+  report.input_notes = adapter.notes;
+  const auto keys = base.names();
+  const naming::Resolver names(keys, format);
+  report.base_layout = naming::to_string(format == naming::BaseFormat::Auto ? naming::detect_base_format(keys) : format);
+  std::map<std::string, std::vector<int64_t>> shapes;
+  for (const auto& t : base.tensors()) shapes[t.name] = t.shape;
+
+  std::set<std::pair<std::string, std::string>> rules_used;  // (dialect, prefix)
+  std::set<std::string> covered, families;                     // "<weight key>#<part>"
+  std::map<std::string, CheckNote> notes;
+  auto layer_id = [](const naming::BaseLayer& l) { return l.weight_key + "#" + std::to_string(l.part); };
+
+  torch::NoGradGuard no_grad;
+  for (const auto& m : adapter.modules) {
+    CheckModule c;
+    c.name = m.name;
+    // PEFT modules are looked up under their kohya name (same path, underscored)
+    const std::string lookup = adapter.format == AdapterFormat::Peft
+                                   ? naming::module_name(component_prefix(m.component, AdapterFormat::Kohya), m.path)
+                                   : m.name;
+    for (const auto& [suffix, t] : m.tensors)
+      if (t.is_floating_point()) {
+        const auto bad = (~torch::isfinite(t)).sum().item<int64_t>();
+        if (bad > 0) c.problems.push_back("nonfinite: " + suffix + " has " + std::to_string(bad) + " NaN/Inf value(s)");
+      }
+    const Algorithm* algo = detect_algorithm(m.tensors);
+    if (!algo) {
+      std::vector<std::string> k;
+      for (const auto& kv : m.tensors) k.push_back(kv.first);
+      c.problems.insert(c.problems.begin(), "malformed: no known algorithm for keys {" + join(k, ", ") + "}");
+    } else {
+      c.algo = algo->name;
+    }
+    auto hits = names.find(lookup);
+    if (hits.empty()) {
+      c.closest = names.closest(lookup, 3);
+      c.problems.insert(c.problems.begin(), "unmatched: matches no base layer (closest: " + join(c.closest, ", ") + ")");
+    } else if (algo) {
+      std::vector<const naming::Resolution*> fits;
+      std::string shape_problem, malformed;
+      for (const auto* h : hits) {
+        try {
+          const auto shape = naming::layer_shape(h->layer, shapes.at(h->layer.weight_key));
+          const auto spec = LayerSpec::from_weight_shape(shape, !h->layer.bias_key.empty());
+          algo->load(m.name, m.tensors, spec);
+          fits.push_back(h);
+        } catch (const ShapeError& e) {
+          if (shape_problem.empty()) shape_problem = std::string(e.what()) + " (base " + h->layer.weight_key + ")";
+        } catch (const OptionError& e) {
+          if (shape_problem.empty()) shape_problem = std::string(e.what()) + " (base " + h->layer.weight_key + ")";
+        } catch (const Error& e) {
+          malformed = e.what();
+        }
+      }
+      const naming::Resolution* target = fits.size() == 1 ? fits[0] : (fits.empty() ? hits[0] : nullptr);
+      if (!malformed.empty()) c.problems.insert(c.problems.begin(), "malformed: " + malformed);
+      else if (fits.empty()) c.problems.insert(c.problems.begin(), "shape: " + shape_problem);
+      else if (fits.size() > 1) {
+        std::vector<std::string> k;
+        for (const auto* f : fits) k.push_back(f->layer.weight_key);
+        c.problems.insert(c.problems.begin(), "ambiguous: the name denotes several base layers (" + join(k, ", ") + ")");
+      }
+      if (target) {
+        c.base_key = target->layer.weight_key;
+        c.rule = target->dialect;
+        c.prefix = target->prefix;
+        c.part = target->layer.part;
+        c.parts = target->layer.parts;
+        rules_used.emplace(target->dialect, target->prefix);
+        covered.insert(layer_id(target->layer));
+        families.insert(family(target->path));
+      }
+      try {
+        for (auto& [topic, text] : loader_notes(m.name, *algo, m.tensors)) {
+          auto& n = notes[topic];
+          n.topic = topic;
+          n.text = text;
+          n.modules.push_back(m.name);
+        }
+      } catch (const Error&) {  // unreadable alpha etc.: already reported as malformed by the loader
+      }
+    }
+    c.status = c.problems.empty() ? "ok" : c.problems.front().substr(0, c.problems.front().find(':'));
+    report.modules.push_back(std::move(c));
+  }
+
+  // layers the same naming rule reaches, of a family the adapter covers elsewhere, but not covered
+  std::set<std::string> seen;
+  for (const auto* r : names.all()) {
+    if (!rules_used.count({r->dialect, r->prefix}) || !families.count(family(r->path))) continue;
+    const auto id = layer_id(r->layer);
+    if (covered.count(id) || !seen.insert(id).second) continue;
+    report.uncovered.push_back(r->layer.weight_key + (r->layer.fused() ? " (part " + std::to_string(r->layer.part) + ")" : "") +
+                               " [" + r->module + "]");
+  }
+  std::sort(report.uncovered.begin(), report.uncovered.end());
+  report.families.assign(families.begin(), families.end());
+  for (auto& [k, n] : notes) report.notes.push_back(std::move(n));
+  return report;
+}
+
+std::string CheckReport::json() const {
+  nlohmann::ordered_json j;
+  j["adapter"] = adapter;
+  j["base"] = base;
+  j["adapter_format"] = adapter_format;
+  j["base_layout"] = base_layout;
+  j["problems"] = problems();
+  j["modules"] = nlohmann::json::array();
+  for (const auto& m : modules) {
+    nlohmann::ordered_json o;
+    o["name"] = m.name;
+    o["algo"] = m.algo;
+    o["status"] = m.status;
+    o["base_key"] = m.base_key;
+    o["rule"] = m.rule;
+    o["prefix"] = m.prefix;
+    if (m.parts) o["fused_part"] = {m.part, m.parts};
+    o["problems"] = m.problems;
+    if (!m.closest.empty()) o["closest"] = m.closest;
+    j["modules"].push_back(o);
+  }
+  j["covered_families"] = families;
+  j["uncovered"] = uncovered;
+  j["loader_notes"] = nlohmann::json::array();
+  for (const auto& n : notes) j["loader_notes"].push_back({{"topic", n.topic}, {"text", n.text}, {"modules", n.modules}});
+  j["input_notes"] = input_notes;
+  return j.dump(2);
+}
+
+std::string CheckReport::text() const {
+  std::ostringstream os;
+  os << "adapter " << adapter << " (" << adapter_format << " naming, " << modules.size() << " modules)\n";
+  os << "base    " << base << " (" << base_layout << " layout)\n";
+  for (const auto& n : input_notes) os << "note: " << n << "\n";
+  for (const auto& m : modules) {
+    std::string status = m.status;
+    for (auto& ch : status) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+    os << status << "  " << m.name;
+    if (!m.base_key.empty()) {
+      os << " -> " << m.base_key;
+      if (m.parts) os << " rows part " << m.part << "/" << m.parts;
+      os << "  [" << m.rule << ", " << m.prefix << "]";
+    }
+    if (!m.algo.empty()) os << "  " << m.algo;
+    os << "\n";
+    for (const auto& p : m.problems) os << "    " << p << "\n";
+  }
+  if (!uncovered.empty())
+    os << uncovered.size() << " base layer(s) of families the adapter covers elsewhere (" << join(families, ", ", 12)
+       << ") are not touched:\n    " << join(uncovered, "\n    ", 30) << "\n";
+  if (!notes.empty()) {
+    os << "other loaders read this file differently:\n";
+    for (const auto& n : notes)
+      os << "  - " << n.topic << " (" << n.modules.size() << " module(s), e.g. " << n.modules.front() << "): " << n.text
+         << "\n";
+  }
+  const size_t p = problems();
+  if (p) os << p << " module(s) with problems\n";
+  else os << "clean: every module maps to a base layer and fits it\n";
+  return os.str();
+}
+
+}  // namespace lycoris::tools

@@ -1,0 +1,486 @@
+// `lycoris convert` (see include/lycoris/tools/convert.hpp).
+#include "lycoris/tools/convert.hpp"
+
+#include <torch/torch.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <regex>
+#include <set>
+
+#include "lycoris/algorithms.hpp"
+#include "lycoris/error.hpp"
+#include "lycoris/functional/common.hpp"
+#include "lycoris/io/safetensors.hpp"
+#include "lycoris/version.hpp"
+
+namespace lycoris::tools {
+
+namespace F = functional;
+
+AdapterFormat parse_adapter_format(const std::string& s) {
+  if (s == "lycoris") return AdapterFormat::Lycoris;
+  if (s == "kohya") return AdapterFormat::Kohya;
+  if (s == "peft" || s == "diffusers") return AdapterFormat::Peft;
+  throw OptionError("unknown adapter format '" + s + "' (lycoris, kohya, peft)");
+}
+
+const char* to_string(AdapterFormat f) {
+  switch (f) {
+    case AdapterFormat::Lycoris: return "lycoris";
+    case AdapterFormat::Kohya: return "kohya";
+    case AdapterFormat::Peft: return "peft";
+  }
+  return "?";
+}
+
+namespace {
+
+bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
+bool ends_with(const std::string& s, const std::string& p) {
+  return s.size() >= p.size() && s.compare(s.size() - p.size(), p.size(), p) == 0;
+}
+
+std::string dots_to_underscores(std::string p) {
+  std::replace(p.begin(), p.end(), '.', '_');
+  return p;
+}
+
+// LyCORIS/kohya module prefixes → component.
+const std::vector<std::pair<std::string, std::string>>& lycoris_prefixes() {
+  static const std::vector<std::pair<std::string, std::string>> p = {
+      {"lycoris", "model"}, {"lora_unet", "unet"}, {"lora_te1", "te1"}, {"lora_te2", "te2"},
+      {"lora_te3", "te3"},  {"lora_te", "te"},
+  };
+  return p;
+}
+
+// PEFT/diffusers key prefixes → component (longest first).
+const std::vector<std::pair<std::string, std::string>>& peft_prefixes() {
+  static const std::vector<std::pair<std::string, std::string>> p = {
+      {"base_model.model.", "model"}, {"unet.", "unet"},           {"transformer.", "transformer"},
+      {"text_encoder_2.", "te2"},     {"text_encoder_3.", "te3"}, {"text_encoder.", "te"},
+  };
+  return p;
+}
+
+// PEFT/diffusers tensor suffix → LyCORIS suffix (longest first so "lora_A.default.weight" wins).
+const std::vector<std::pair<std::string, std::string>>& peft_suffixes() {
+  static const std::vector<std::pair<std::string, std::string>> s = [] {
+    std::vector<std::pair<std::string, std::string>> v = {
+        {"lora_A.default.weight", "lora_down.weight"}, {"lora_B.default.weight", "lora_up.weight"},
+        {"lora_magnitude_vector.weight", "dora_scale"}, {"lora_magnitude_vector", "dora_scale"},
+        {"lora_A.weight", "lora_down.weight"},         {"lora_B.weight", "lora_up.weight"},
+        {"lora.down.weight", "lora_down.weight"},      {"lora.up.weight", "lora_up.weight"},
+        {"lora_down.weight", "lora_down.weight"},      {"lora_up.weight", "lora_up.weight"},
+        {"alpha", "alpha"},
+    };
+    for (const char* k : {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1",
+                          "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"})
+      v.emplace_back(k, k);
+    std::stable_sort(v.begin(), v.end(), [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
+    return v;
+  }();
+  return s;
+}
+
+// Suffixes only PEFT/diffusers files use.
+bool peft_only_suffix(const std::string& key) {
+  for (const char* s : {".lora_A.weight", ".lora_B.weight", ".lora_A.default.weight", ".lora_B.default.weight",
+                        ".lora.down.weight", ".lora.up.weight", ".lora_magnitude_vector",
+                        ".lora_magnitude_vector.weight"})
+    if (ends_with(key, s)) return true;
+  return false;
+}
+
+const std::set<std::string>& sparse_bias_suffixes() {
+  static const std::set<std::string> s = {"bias_indices", "bias_values", "bias_size"};
+  return s;
+}
+
+const std::set<std::string>& lycoris_suffixes() {
+  static const std::set<std::string> s = [] {
+    std::set<std::string> all(sparse_bias_suffixes());
+    for (const auto& a : algorithms()) all.insert(a.suffixes.begin(), a.suffixes.end());
+    return all;
+  }();
+  return s;
+}
+
+bool is_peft_key(const std::string& key) {
+  if (peft_only_suffix(key)) return true;
+  for (const auto& [p, c] : peft_prefixes())
+    if (starts_with(key, p)) return true;
+  const auto dot = key.find('.');
+  // a bare dotted path ("down_blocks.0.….hada_w1_a"): the text after the first '.' is no LyCORIS suffix
+  return dot != std::string::npos && !lycoris_suffixes().count(key.substr(dot + 1));
+}
+
+// adapter_config.json of a PEFT adapter directory, if present.
+struct PeftConfig {
+  bool found = false;
+  double alpha = 8, r = 8;
+  bool rslora = false;
+  std::vector<std::pair<std::string, double>> alpha_pattern, rank_pattern;
+
+  // PEFT matches pattern keys against the end of the module path (".*\.<key>$" or the whole path).
+  static const double* match(const std::vector<std::pair<std::string, double>>& patterns, const std::string& path) {
+    for (const auto& [k, v] : patterns) {
+      if (path == k || ends_with(path, "." + k)) return &v;
+      try {
+        if (std::regex_match(path, std::regex("(.*\\.)?" + k))) return &v;
+      } catch (const std::regex_error&) {
+      }
+    }
+    return nullptr;
+  }
+  // PEFT's scaling of a module: lora_alpha / r (or / sqrt(r) with rs-LoRA).
+  double scale(const std::string& path) const {
+    const double* a = match(alpha_pattern, path);
+    const double* rr = match(rank_pattern, path);
+    const double al = a ? *a : alpha, rk = rr ? *rr : r;
+    return rslora ? al / std::sqrt(rk) : al / rk;
+  }
+};
+
+PeftConfig read_peft_config(const std::string& adapter_path) {
+  PeftConfig c;
+  const auto file = std::filesystem::path(adapter_path).parent_path() / "adapter_config.json";
+  std::ifstream in(file);
+  if (!in) return c;
+  auto j = nlohmann::json::parse(in, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) throw FormatError(file.string() + ": not a JSON object");
+  c.found = true;
+  if (j.contains("r") && j["r"].is_number()) c.r = j["r"].get<double>();
+  c.alpha = c.r;
+  if (j.contains("lora_alpha") && j["lora_alpha"].is_number()) c.alpha = j["lora_alpha"].get<double>();
+  else if (j.contains("alpha") && j["alpha"].is_number()) c.alpha = j["alpha"].get<double>();
+  if (j.contains("use_rslora") && j["use_rslora"].is_boolean()) c.rslora = j["use_rslora"].get<bool>();
+  for (auto [field, out] : {std::make_pair("alpha_pattern", &c.alpha_pattern), std::make_pair("rank_pattern", &c.rank_pattern)})
+    if (j.contains(field) && j[field].is_object())
+      for (auto it = j[field].begin(); it != j[field].end(); ++it)
+        if (it.value().is_number()) out->emplace_back(it.key(), it.value().get<double>());
+  return c;
+}
+
+// LyCORIS scale of a module: alpha / rank (rank from the stored shapes); 1 without alpha or rank
+// (LoKr with both factors full ignores alpha, FORMAT.md §4.1).
+double lycoris_scale(const Algorithm& algo, const std::string& name, const TensorMap& t) {
+  const int64_t r = algo.rank ? algo.rank(t) : 0;
+  auto it = t.find("alpha");
+  if (r <= 0 || it == t.end()) return 1.0;
+  return F::scalar_value(it->second, name, "alpha") / static_cast<double>(r);
+}
+
+// The factor of a module that carries the scale when it is folded: ΔW is linear in it.
+const char* fold_key(const std::string& algo, const TensorMap& t) {
+  if (algo == "lora") return "lora_up.weight";
+  if (algo == "loha") return "hada_w1_a";
+  if (algo == "lokr") return t.count("lokr_w1") ? "lokr_w1" : "lokr_w1_a";
+  return nullptr;
+}
+
+// x·s computed in fp64, stored back in x's dtype (one rounding).
+torch::Tensor scaled(const torch::Tensor& x, double s) {
+  return (x.to(torch::kFloat64) * s).to(x.scalar_type()).contiguous();
+}
+
+torch::Tensor alpha_tensor(double a) { return torch::tensor(static_cast<float>(a)); }
+
+// PEFT modules: tensors translated to LyCORIS suffixes and alpha made explicit.
+void finish_peft_module(NamedModule& m, const PeftConfig& cfg, AdapterContents& out, bool& noted_default) {
+  auto& t = m.tensors;
+  if (auto it = t.find("dora_scale"); it != t.end()) {
+    // PEFT magnitude: (O,) for Linear, (1, O, 1, …) for convs → LyCORIS dora_scale (O, 1, …)
+    auto down = t.count("lora_down.weight") ? t.at("lora_down.weight") : torch::Tensor();
+    const int64_t ndim = down.defined() ? down.dim() : 2;
+    std::vector<int64_t> shape(static_cast<size_t>(ndim), 1);
+    shape[0] = it->second.numel();
+    it->second = it->second.reshape(shape).contiguous();
+  }
+  const Algorithm* algo = detect_algorithm(t);
+  if (!algo || t.count("alpha")) return;
+  const int64_t r = algo->rank ? algo->rank(t) : 0;
+  double s = 1.0;
+  if (cfg.found) {
+    s = cfg.scale(m.path);
+  } else if (!noted_default) {
+    out.notes.push_back("no alpha keys and no adapter_config.json next to the file: PEFT scale 1 (lora_alpha = r) assumed");
+    noted_default = true;
+  }
+  if (r > 0) {
+    t["alpha"] = alpha_tensor(s * static_cast<double>(r));
+  } else if (s != 1.0) {  // LoKr with both factors full: LyCORIS reads scale 1 → fold PEFT's α/r
+    if (const char* k = fold_key(algo->name, t)) t[k] = scaled(t.at(k), s);
+  }
+}
+
+}  // namespace
+
+std::string component_prefix(const std::string& component, AdapterFormat format) {
+  if (component == "te") return "lora_te";
+  if (component == "te1" || component == "te2" || component == "te3") return "lora_" + component;
+  if (component == "model" || component == "unet" || component == "transformer")
+    return format == AdapterFormat::Lycoris ? "lycoris" : "lora_unet";
+  throw OptionError("unknown module component '" + component + "'");
+}
+
+std::pair<std::string, std::string> split_module_name(const std::string& name) {
+  for (const auto& [p, c] : lycoris_prefixes())
+    if (name.size() > p.size() && starts_with(name, p + "_")) return {c, name.substr(p.size() + 1)};
+  if (name == "lycoris_") return {"model", ""};
+  return {"", name};
+}
+
+AdapterContents read_adapter(const std::string& path) {
+  const auto file = io::SafetensorsFile::open(path);
+  AdapterContents out;
+  out.path = path;
+  out.metadata = file.metadata();
+  size_t peft = 0, other = 0;
+  for (const auto& info : file.tensors()) (is_peft_key(info.name) ? peft : other)++;
+  if (peft && other) {
+    std::string example;
+    for (const auto& info : file.tensors())
+      if (is_peft_key(info.name)) {
+        example = info.name;
+        break;
+      }
+    throw FormatError(path + ": mixes PEFT/diffusers keys (e.g. '" + example + "') with LyCORIS/kohya keys");
+  }
+  std::map<std::string, NamedModule> modules;
+  if (peft) {
+    out.format = AdapterFormat::Peft;
+    const PeftConfig cfg = read_peft_config(path);
+    bool has_te2 = false;
+    for (const auto& info : file.tensors()) has_te2 |= starts_with(info.name, "text_encoder_2.");
+    for (const auto& info : file.tensors()) {
+      std::string module, suffix;
+      for (const auto& [ps, ls] : peft_suffixes())
+        if (ends_with(info.name, "." + ps)) {
+          module = info.name.substr(0, info.name.size() - ps.size() - 1);
+          suffix = ls;
+          break;
+        }
+      if (module.empty())
+        throw FormatError(path + ": tensor '" + info.name + "': unknown PEFT/diffusers suffix (known: lora_A/lora_B"
+                          ".weight, lora.down/up.weight, lora_magnitude_vector, alpha, hada_*, lokr_*)");
+      auto& m = modules[module];
+      if (m.name.empty()) {
+        m.name = module;
+        m.component = "model";
+        m.path = module;
+        for (const auto& [p, c] : peft_prefixes())
+          if (starts_with(module, p)) {
+            m.component = (c == "te" && has_te2) ? "te1" : c;
+            m.path = module.substr(p.size());
+            break;
+          }
+        m.underscored = dots_to_underscores(m.path);
+      }
+      if (m.tensors.count(suffix)) throw FormatError(path + ": module '" + module + "' has two '" + suffix + "' tensors");
+      m.tensors[suffix] = file.tensor(info.name);
+    }
+    bool noted = false;
+    for (auto& [n, m] : modules) finish_peft_module(m, cfg, out, noted);
+    if (cfg.found) out.notes.push_back("alphas from adapter_config.json (lora_alpha/r, alpha_pattern, rank_pattern)");
+  } else {
+    bool lycoris = false;
+    for (const auto& info : file.tensors()) {
+      const auto dot = info.name.find('.');
+      if (dot == std::string::npos) continue;  // belongs to no module (FORMAT.md §1)
+      const auto name = info.name.substr(0, dot);
+      auto& m = modules[name];
+      if (m.name.empty()) {
+        m.name = name;
+        std::tie(m.component, m.underscored) = split_module_name(name);
+        lycoris |= m.component == "model";
+      }
+      m.tensors[info.name.substr(dot + 1)] = file.tensor(info.name);
+    }
+    out.format = lycoris ? AdapterFormat::Lycoris : AdapterFormat::Kohya;
+  }
+  for (auto& [n, m] : modules) out.modules.push_back(std::move(m));
+  return out;
+}
+
+namespace {
+
+// Dotted paths for LyCORIS/kohya modules: through the base's naming dialects, else guessed.
+void fill_paths(AdapterContents& in, const ConvertOptions& o, ConvertReport& report) {
+  std::vector<std::string> unmatched;
+  std::unique_ptr<naming::Resolver> names;
+  if (!o.base.empty()) names = std::make_unique<naming::Resolver>(io::SafetensorsFile::open(o.base).names(), o.base_format);
+  for (auto& m : in.modules) {
+    if (!m.path.empty() || m.component.empty()) continue;
+    if (names) {
+      auto hits = names->find(m.name);
+      std::set<std::string> paths;
+      for (const auto* h : hits) paths.insert(h->path);
+      if (paths.size() == 1) {
+        m.path = *paths.begin();
+        continue;
+      }
+      if (paths.empty()) {
+        auto near = names->closest(m.name, 2);
+        std::string s;
+        for (const auto& n : near) s += (s.empty() ? "" : ", ") + n;
+        unmatched.push_back(m.name + " (closest: " + s + ")");
+      } else {
+        std::string s;
+        for (const auto& p : paths) s += (s.empty() ? "" : ", ") + p;
+        unmatched.push_back(m.name + " (ambiguous: " + s + ")");
+      }
+      continue;
+    }
+    m.path = naming::guess_path(m.underscored);
+    ++report.guessed_paths;
+  }
+  if (!unmatched.empty()) {
+    std::string s;
+    for (size_t i = 0; i < unmatched.size() && i < 10; ++i) s += (i ? "; " : "") + unmatched[i];
+    if (unmatched.size() > 10) s += "; … and " + std::to_string(unmatched.size() - 10) + " more";
+    throw KeyError(in.path + ": " + std::to_string(unmatched.size()) + " module(s) match no layer of " + o.base + ": " + s);
+  }
+  if (report.guessed_paths)
+    report.warnings.push_back(std::to_string(report.guessed_paths) +
+                              " dotted path(s) guessed from underscored names (pass --base for exact paths)");
+  // PEFT/diffusers U-Net paths are diffusers paths: map kohya's SDXL (SGM) names through the U-Net table
+  static const std::set<std::string> sgm_roots = {"input_blocks", "middle_block", "output_blocks", "time_embed",
+                                                  "label_emb", "out"};
+  auto root = [](const std::string& p) { return p.substr(0, p.find('.')); };
+  std::vector<std::string> sgm;
+  bool has_blocks = false;
+  for (const auto& m : in.modules)
+    if (m.component == "unet" && sgm_roots.count(root(m.path))) {
+      sgm.push_back(m.path);
+      has_blocks |= root(m.path) != "out";
+    }
+  if (!has_blocks) return;
+  if (const auto* table = naming::unet_table_for(sgm, true))
+    for (auto& m : in.modules)
+      if (m.component == "unet" && sgm_roots.count(root(m.path)))
+        if (auto d = table->to_diffusers(m.path)) m.path = *d;
+}
+
+const std::string& peft_component_prefix(const std::string& component) {
+  static const std::map<std::string, std::string> p = {
+      {"model", "base_model.model."}, {"unet", "unet."},   {"transformer", "transformer."},   {"te", "text_encoder."},
+      {"te1", "text_encoder."},       {"te2", "text_encoder_2."}, {"te3", "text_encoder_3."},
+  };
+  return p.at(component);
+}
+
+// Why PEFT cannot express a module ("" = it can).
+std::string peft_refusal(const Algorithm* algo, const TensorMap& t) {
+  if (!algo) return "no known algorithm";
+  const std::string& a = algo->name;
+  if (a != "lora" && a != "loha" && a != "lokr")
+    return a + " (PEFT's " + (a == "ia3" ? "IA3 is a separate tuner with multiplicative ia3_l = 1 + w"
+                              : a == "glora" ? "GLoRA is a different algorithm"
+                              : (a == "diag-oft" || a == "boft") ? "OFT/BOFT rotate the input side with other tensors"
+                                                                 : "LoRA-family files have no such tensors") + ")";
+  if (t.count("lora_mid.weight")) return "LoRA with a Tucker core (lora_mid): PEFT LoRA has no mid factor";
+  if (auto it = t.find("dora_scale"); it != t.end()) {
+    if (a != "lora") return a + " with DoRA: PEFT has DoRA for LoRA only";
+    const auto& d = it->second;
+    if (d.dim() >= 2 && d.size(0) == 1 && d.size(1) > 1) return "DoRA on the input axis: PEFT normalises per output row";
+  }
+  return "";
+}
+
+}  // namespace
+
+ConvertReport convert(const std::string& input, const std::string& output, const ConvertOptions& o) {
+  ConvertReport report;
+  auto in = read_adapter(input);
+  report.from = in.format;
+  for (const auto& n : in.notes) report.warnings.push_back(n);
+  {
+    std::vector<std::string> unknown;
+    for (const auto& m : in.modules)
+      if (m.component.empty()) unknown.push_back(m.name);
+    if (!unknown.empty())
+      throw KeyError(input + ": " + std::to_string(unknown.size()) + " module name(s) with no known prefix (lycoris_, "
+                     "lora_unet_, lora_te_, lora_te1_, lora_te2_, lora_te3_), e.g. '" + unknown.front() + "'");
+  }
+  if (o.to == AdapterFormat::Peft) fill_paths(in, o, report);
+
+  std::vector<std::pair<std::string, torch::Tensor>> tensors;
+  std::vector<std::string> refused;
+  size_t dropped_sparse = 0;
+  torch::NoGradGuard no_grad;
+  for (auto& m : in.modules) {
+    if (o.to != AdapterFormat::Peft) {
+      const auto name = naming::module_name(component_prefix(m.component, o.to), m.path.empty() ? m.underscored : m.path);
+      for (const auto& [suffix, t] : m.tensors) tensors.emplace_back(name + "." + suffix, t);
+      continue;
+    }
+    const Algorithm* algo = detect_algorithm(m.tensors);
+    if (auto why = peft_refusal(algo, m.tensors); !why.empty()) {
+      refused.push_back(m.name + ": " + why);
+      continue;
+    }
+    const double s = lycoris_scale(*algo, m.name, m.tensors);
+    const std::string base = peft_component_prefix(m.component) + m.path + ".";
+    const char* fold = fold_key(algo->name, m.tensors);
+    if (s != 1.0) ++report.folded;
+    const auto down = m.tensors.count("lora_down.weight") ? m.tensors.at("lora_down.weight") : torch::Tensor();
+    for (const auto& [suffix, t0] : m.tensors) {
+      if (suffix == "alpha") continue;  // folded
+      if (sparse_bias_suffixes().count(suffix)) {
+        ++dropped_sparse;
+        continue;
+      }
+      torch::Tensor t = (fold && suffix == fold && s != 1.0) ? scaled(t0, s) : t0;
+      std::string key = suffix;
+      if (suffix == "lora_down.weight") key = "lora_A.weight";
+      if (suffix == "lora_up.weight") {
+        key = "lora_B.weight";
+        if (down.dim() > 2 && t.dim() == 2) {  // DyLoRA's 2-D conv lora_up (Q23) → (O, r, 1, …)
+          std::vector<int64_t> shape = t.sizes().vec();
+          shape.resize(static_cast<size_t>(down.dim()), 1);
+          t = t.reshape(shape);
+        }
+      }
+      if (suffix == "dora_scale") {
+        key = "lora_magnitude_vector";  // PEFT: (O,) for Linear, (1, O, 1, …) for convs
+        std::vector<int64_t> shape(static_cast<size_t>(down.dim() > 2 ? down.dim() : 1), 1);
+        shape[down.dim() > 2 ? 1 : 0] = t.numel();
+        t = t.reshape(shape);
+      }
+      tensors.emplace_back(base + key, t.contiguous());
+    }
+  }
+  if (!refused.empty()) {
+    std::string s;
+    for (size_t i = 0; i < refused.size() && i < 10; ++i) s += (i ? "; " : "") + refused[i];
+    if (refused.size() > 10) s += "; … and " + std::to_string(refused.size() - 10) + " more";
+    throw OptionError(input + ": " + std::to_string(refused.size()) + " module(s) cannot be expressed in " +
+                      to_string(o.to) + ": " + s);
+  }
+  if (dropped_sparse)
+    report.warnings.push_back(std::to_string(dropped_sparse) + " sparse-bias tensor(s) dropped (no PEFT equivalent; "
+                              "no loader applies them)");
+  {  // two modules may not collapse onto one name (e.g. lora_te_x and lora_te1_x both → text_encoder.x)
+    std::set<std::string> seen;
+    for (const auto& [k, t] : tensors)
+      if (!seen.insert(k).second) throw KeyError(input + ": two modules become the same key '" + k + "' in " + to_string(o.to));
+  }
+  std::map<std::string, std::string> metadata;
+  if (o.to != AdapterFormat::Peft) metadata = in.metadata;
+  else metadata["format"] = "pt";
+  nlohmann::json record = {{"tool", std::string("lycoris-cpp ") + LYCORIS_VERSION},
+                           {"from", to_string(in.format)},
+                           {"to", to_string(o.to)},
+                           {"file", std::filesystem::path(input).filename().string()}};
+  metadata["lycoris_convert"] = record.dump();
+  io::save_file(output, tensors, metadata);
+  report.modules = in.modules.size();
+  report.tensors = tensors.size();
+  return report;
+}
+
+}  // namespace lycoris::tools
