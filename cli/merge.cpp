@@ -1,5 +1,5 @@
 // `lycoris merge BASE ADAPTER... --output OUT [--weight W]... [--dtype keep|fp32|fp16|bf16] [--device D]
-//                 [--allow-unmatched] [--threads N] [--progress]`
+//                 [--allow-unmatched] [--base-format auto|diffusers|ldm] [--threads N] [--progress]`
 #include <unistd.h>
 #ifdef __GLIBC__
 #include <malloc.h>
@@ -59,6 +59,7 @@ void register_merge(CLI::App& app) {
     std::vector<std::string> adapters;
     std::vector<double> weights;
     bool allow_unmatched = false, progress = false, quiet = false;
+    std::string base_format = "auto";
     int threads = 0;
     uint64_t buffer_mb = 64;
   };
@@ -73,6 +74,8 @@ void register_merge(CLI::App& app) {
   cmd->add_option("--device", args->device, "device for the ΔW math (cpu, cuda, cuda:1, …)")->capture_default_str();
   cmd->add_flag("--allow-unmatched", args->allow_unmatched,
                 "skip adapter modules that match no base tensor or the wrong shape (warning instead of error)");
+  cmd->add_option("--base-format", args->base_format, "layout of the base's keys: auto|diffusers|ldm")
+      ->capture_default_str();
   cmd->add_option("--threads", args->threads, "torch threads (default: hardware threads)");
   cmd->add_flag("--progress", args->progress, "progress bar even when stderr is not a terminal");
   cmd->add_option("--buffer-mb", args->buffer_mb, "read-ahead budget of the pipeline in MiB")->capture_default_str();
@@ -99,6 +102,7 @@ void register_merge(CLI::App& app) {
       throw OptionError("--device: unknown device '" + a.device + "'");
     }
     opt.allow_unmatched = a.allow_unmatched;
+    opt.base_format = naming::parse_base_format(a.base_format);
     opt.max_bytes_in_flight = a.buffer_mb << 20;
     opt.threads = a.threads > 0 ? a.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
     opt.on_warning = [](const std::string& w) { std::cerr << "lycoris: warning: " << w << "\n"; };

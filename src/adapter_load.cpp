@@ -31,7 +31,7 @@ LoadedAdapter load_adapter_for_base(const io::SafetensorsFile& file, const namin
   out.path = file.path();
   std::vector<std::string> fatal, skippable;
   auto spec_for = [&](const naming::BaseLayer& layer) {
-    const auto& shape = base_shapes.at(layer.weight_key);
+    const auto shape = naming::layer_shape(layer, base_shapes.at(layer.weight_key));  // row block of a fused tensor
     const bool has_bias = !layer.bias_key.empty();
     return options.layer_spec ? options.layer_spec(layer, shape, has_bias) : LayerSpec::from_weight_shape(shape, has_bias);
   };

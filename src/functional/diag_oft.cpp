@@ -2,7 +2,6 @@
 
 #include <torch/torch.h>
 
-#include "lycoris/functional/channels.hpp"
 #include "lycoris/functional/common.hpp"
 #include "lycoris/functional/factorization.hpp"
 #include "lycoris/functional/oft.hpp"
@@ -33,14 +32,9 @@ torch::Tensor matrices(const torch::Tensor& blocks, double constraint, int64_t o
 
 torch::Tensor apply_weight(const torch::Tensor& W, const torch::Tensor& blocks, const torch::Tensor& rescale,
                            double constraint, double m, double dropout) {
-  auto w = to_compute(W, W);
-  auto out = rotate_rows(w, matrices(blocks, constraint, w.size(0), m, w, dropout));
-  if (rescale.defined()) {
-    std::vector<int64_t> shape(static_cast<size_t>(w.dim()), 1);
-    shape[0] = w.size(0);
-    out = out * oft::rescale_vector(rescale, w).reshape(shape);
-  }
-  return out.to(W.scalar_type());
+  return oft::apply_rows(W, rescale, [&](const torch::Tensor& rows, const torch::Tensor& like) {
+    return rotate_rows(rows, matrices(blocks, constraint, rows.size(0), m, like, dropout));
+  });
 }
 
 torch::Tensor diff_weight(const torch::Tensor& W, const torch::Tensor& blocks, const torch::Tensor& rescale,
@@ -52,13 +46,9 @@ torch::Tensor diff_weight(const torch::Tensor& W, const torch::Tensor& blocks, c
 torch::Tensor bypass_forward(const torch::Tensor& x, const LayerSpec& layer, const torch::Tensor& W,
                              const torch::Tensor& b, const torch::Tensor& blocks, const torch::Tensor& rescale,
                              double constraint, double m, double dropout) {
-  auto xc = to_compute(x, x);
-  auto M = matrices(blocks, constraint, layer.out_features, m, xc, dropout);
-  auto y = map_channel_rows(host_op(xc, layer, W.to(xc.options())), layer,
-                            [&](const torch::Tensor& rows) { return rotate_rows(rows, M); });
-  if (rescale.defined()) y = scale_channels(y, layer, oft::rescale_vector(rescale, xc));
-  if (b.defined()) y = add_channels(y, layer, b.to(xc.options()));
-  return y.to(x.scalar_type());
+  return oft::bypass_rows(x, layer, W, b, rescale, [&](const torch::Tensor& rows, const torch::Tensor& like) {
+    return rotate_rows(rows, matrices(blocks, constraint, layer.out_features, m, like, dropout));
+  });
 }
 
 std::pair<torch::Tensor, torch::Tensor> init_weights(const LayerSpec& layer, int64_t rank, bool rescaled,

@@ -2,6 +2,7 @@
 
 #include <torch/torch.h>
 
+#include "lycoris/functional/channels.hpp"
 #include "lycoris/functional/common.hpp"
 
 namespace lycoris::functional::oft {
@@ -29,6 +30,27 @@ torch::Tensor interpolate(const torch::Tensor& R, double m, double dropout) {
 torch::Tensor rescale_vector(const torch::Tensor& rescale, const torch::Tensor& like) {
   if (!rescale.defined()) return rescale;
   return rescale.reshape({-1}).to(like.options());
+}
+
+torch::Tensor apply_rows(const torch::Tensor& W, const torch::Tensor& rescale, const RowMap& rotate) {
+  auto w = to_compute(W, W);
+  auto out = rotate(w, w);
+  if (rescale.defined()) {
+    std::vector<int64_t> shape(static_cast<size_t>(w.dim()), 1);
+    shape[0] = w.size(0);
+    out = out * rescale_vector(rescale, w).reshape(shape);
+  }
+  return out.to(W.scalar_type());
+}
+
+torch::Tensor bypass_rows(const torch::Tensor& x, const LayerSpec& layer, const torch::Tensor& W,
+                          const torch::Tensor& b, const torch::Tensor& rescale, const RowMap& rotate) {
+  auto xc = to_compute(x, x);
+  auto y = map_channel_rows(host_op(xc, layer, W.to(xc.options())), layer,
+                            [&](const torch::Tensor& rows) { return rotate(rows, xc); });
+  if (rescale.defined()) y = scale_channels(y, layer, rescale_vector(rescale, xc));
+  if (b.defined()) y = add_channels(y, layer, b.to(xc.options()));
+  return y.to(x.scalar_type());
 }
 
 }  // namespace lycoris::functional::oft

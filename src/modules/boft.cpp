@@ -7,6 +7,8 @@
 #include "lycoris/functional/boft.hpp"
 #include "lycoris/functional/common.hpp"
 #include "lycoris/functional/diag_oft.hpp"
+#include "lycoris/modules/common.hpp"
+#include "lycoris/modules/diag_oft.hpp"
 
 namespace lycoris {
 
@@ -14,6 +16,7 @@ namespace fn = functional;
 
 BOFTImpl::BOFTImpl(const LayerSpec& layer, const AdapterOptions& options)
     : AdapterImpl("boft", layer, options), constraint_(options.constraint()) {
+  check_oft_options("boft", layer_, options_);  // and OptionError below when no butterfly layout exists
   auto init = fn::boft::init_weights(layer, options.rank(), options.rescaled());
   oft_blocks = register_parameter("oft_blocks", init.first);
   if (init.second.defined()) rescale = register_parameter("rescale", init.second);
@@ -78,17 +81,12 @@ Algorithm boft_algorithm() {
     if (alpha.defined()) fn::scalar_value(alpha, module, "alpha");
     return std::make_shared<BOFTImpl>(layer, blocks, rs, alpha);
   };
-  a.create = [](const LayerSpec& layer, const AdapterOptions& options) -> AdapterPtr {
-    if (auto why = fn::unsupported_layer(layer); !why.empty()) throw OptionError("boft: " + why);
-    if (options.constraint() < 0)
-      throw OptionError("boft: constraint must be >= 0, got " + std::to_string(options.constraint()));
-    return std::make_shared<BOFTImpl>(layer, options);  // OptionError when no butterfly layout exists
-  };
+  a.create = create_adapter<BOFTImpl>;
   a.rank = [](const TensorMap& t) -> int64_t {
     auto b = fn::optional(t, "oft_blocks");
     return b.defined() && b.dim() == 4 ? b.size(-1) : 0;
   };
-  a.supports = [](const LayerSpec& layer) { return fn::unsupported_layer(layer).empty(); };
+  a.supports = supports_weight_layer;
   return a;
 }
 

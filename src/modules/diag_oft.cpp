@@ -6,6 +6,7 @@
 #include "lycoris/error.hpp"
 #include "lycoris/functional/common.hpp"
 #include "lycoris/functional/diag_oft.hpp"
+#include "lycoris/modules/common.hpp"
 
 namespace lycoris {
 
@@ -13,6 +14,7 @@ namespace fn = functional;
 
 DiagOFTImpl::DiagOFTImpl(const LayerSpec& layer, const AdapterOptions& options)
     : AdapterImpl("diag-oft", layer, options), constraint_(options.constraint()) {
+  check_oft_options("diag-oft", layer_, options_);
   auto init = fn::diag_oft::init_weights(layer, options.rank(), options.rescaled());
   oft_blocks = register_parameter("oft_blocks", init.first);
   if (init.second.defined()) rescale = register_parameter("rescale", init.second);
@@ -48,6 +50,14 @@ NamedTensors DiagOFTImpl::file_tensors() const {
   return out;
 }
 
+void check_oft_options(const std::string& algo, const LayerSpec& layer, const AdapterOptions& o) {
+  check_options(algo, layer, o, Hosts::Weights, /*needs_rank=*/false);
+  const std::string who = algo + " on " + layer.describe() + ": ";
+  if (o.rank() == 0 || o.rank() < -1)
+    throw OptionError(who + "rank (block size bound) must be positive or -1, got " + std::to_string(o.rank()));
+  if (!(o.constraint() >= 0)) throw OptionError(who + "constraint must be >= 0, got " + std::to_string(o.constraint()));
+}
+
 Algorithm diag_oft_algorithm() {
   Algorithm a;
   a.name = "diag-oft";
@@ -71,20 +81,12 @@ Algorithm diag_oft_algorithm() {
     if (alpha.defined()) fn::scalar_value(alpha, module, "alpha");
     return std::make_shared<DiagOFTImpl>(layer, blocks, rs, alpha);
   };
-  a.create = [](const LayerSpec& layer, const AdapterOptions& options) -> AdapterPtr {
-    if (auto why = fn::unsupported_layer(layer); !why.empty()) throw OptionError("diag-oft: " + why);
-    if (options.rank() == 0 || options.rank() < -1)
-      throw OptionError("diag-oft: rank (block size bound) must be positive or -1, got " +
-                        std::to_string(options.rank()));
-    if (options.constraint() < 0)
-      throw OptionError("diag-oft: constraint must be >= 0, got " + std::to_string(options.constraint()));
-    return std::make_shared<DiagOFTImpl>(layer, options);
-  };
+  a.create = create_adapter<DiagOFTImpl>;
   a.rank = [](const TensorMap& t) -> int64_t {
     auto b = fn::optional(t, "oft_blocks");
     return b.defined() && b.dim() == 3 ? b.size(-1) : 0;
   };
-  a.supports = [](const LayerSpec& layer) { return fn::unsupported_layer(layer).empty(); };
+  a.supports = supports_weight_layer;
   return a;
 }
 

@@ -4,6 +4,7 @@
 
 #include "lycoris/error.hpp"
 #include "lycoris/functional/common.hpp"
+#include "lycoris/modules/common.hpp"
 
 namespace lycoris {
 
@@ -15,20 +16,21 @@ DyLoRAImpl::DyLoRAImpl(LayerSpec layer, AdapterOptions options)
   if (options_.block_size() < 1 || options_.rank() % options_.block_size() != 0)
     throw OptionError("dylora on " + layer_.describe() + ": rank " + std::to_string(options_.rank()) +
                       " is not a multiple of block_size " + std::to_string(options_.block_size()));
-  options_.tucker(false).dora(false).use_scalar(false);
+  // DyLoRA has no Tucker, DoRA, scalar nor neuron / rank dropout (TRAINING.md §3.4, §9)
+  options_.tucker(false).dora(false).use_scalar(false).dropout(0).rank_dropout(0);
   block_size_ = options_.block_size();
   alpha_ = options_.alpha() == 0 ? static_cast<double>(options_.rank()) : options_.alpha();  // raw alpha
   auto w = F::lora::init_weights(layer_, options_.rank(), false, false);
   lora_down = register_parameter("lora_down", w.down);
   lora_up = register_parameter("lora_up", w.up);
   setup_common(w.up.options(), {});
-  blocks_ = rank() / block_size_;
+  on_step();  // the block trained until the network's first step
 }
 
 DyLoRAImpl::DyLoRAImpl(LayerSpec layer, AdapterOptions options, F::lora::Weights w, double alpha)
     : LowRankAdapter("dylora", std::move(layer), std::move(options)) {
-  alpha_ = alpha;
-  options_.tucker(false).dora(false).use_scalar(false).rs_lora(false);
+  begin_loaded(alpha);
+  options_.tucker(false).dropout(0).rank_dropout(0);
   lora_down = register_parameter("lora_down", w.down);
   lora_up = register_parameter("lora_up", w.up);
   setup_common(w.up.options(), {});
@@ -37,9 +39,13 @@ DyLoRAImpl::DyLoRAImpl(LayerSpec layer, AdapterOptions options, F::lora::Weights
   blocks_ = rank() / block_size_;
 }
 
-void DyLoRAImpl::on_step() {
-  const int64_t nb = rank() / block_size_;
-  blocks_ = torch::randint(1, nb + 1, {1}).item<int64_t>();
+void DyLoRAImpl::on_step() { blocks_ = torch::randint(1, num_blocks() + 1, {1}).item<int64_t>(); }
+
+void DyLoRAImpl::set_active_blocks(int64_t n) {
+  if (n < 1 || n > num_blocks())
+    throw OptionError("dylora on " + layer_.describe() + ": active blocks must be in [1, " +
+                      std::to_string(num_blocks()) + "], got " + std::to_string(n));
+  blocks_ = n;
 }
 
 torch::Tensor DyLoRAImpl::raw_diff() {
@@ -73,14 +79,9 @@ Algorithm dylora_algorithm() {
     auto f = read_lora_file(module, t, layer);
     return std::make_shared<DyLoRAImpl>(layer, AdapterOptions().algo("dylora"), f.weights, f.alpha);
   };
-  a.create = [](const LayerSpec& layer, const AdapterOptions& o) -> AdapterPtr {
-    return std::make_shared<DyLoRAImpl>(layer, o);
-  };
-  a.rank = [](const TensorMap& t) -> int64_t {
-    auto d = F::optional(t, "lora_down.weight");
-    return d.defined() && d.dim() > 0 ? d.size(0) : 0;
-  };
-  a.supports = [](const LayerSpec& layer) { return F::unsupported_layer(layer).empty(); };
+  a.create = create_adapter<DyLoRAImpl>;
+  a.rank = [](const TensorMap& t) { return stored_size(t, {"lora_down.weight"}); };
+  a.supports = supports_weight_layer;
   return a;
 }
 

@@ -6,12 +6,14 @@
 #include "lycoris/error.hpp"
 #include "lycoris/functional/common.hpp"
 #include "lycoris/functional/full.hpp"
+#include "lycoris/modules/common.hpp"
 
 namespace lycoris {
 
 namespace fn = functional;
 
 FullImpl::FullImpl(const LayerSpec& layer, const AdapterOptions& options) : AdapterImpl("full", layer, options) {
+  check_options("full", layer_, options_, Hosts::Weights, /*needs_rank=*/false);
   auto init = fn::full::init_weights(layer);
   diff = register_parameter("diff", init.first);
   if (init.second.defined()) diff_b = register_parameter("diff_b", init.second);
@@ -62,12 +64,9 @@ Algorithm full_algorithm() {
     if (diff_b.defined()) fn::expect_shape(diff_b, {layer.out_features}, module, "diff_b", "one per output");
     return std::make_shared<FullImpl>(layer, diff, diff_b);
   };
-  a.create = [](const LayerSpec& layer, const AdapterOptions& options) -> AdapterPtr {
-    if (auto why = fn::unsupported_layer(layer); !why.empty()) throw OptionError("full: " + why);
-    return std::make_shared<FullImpl>(layer, options);
-  };
+  a.create = create_adapter<FullImpl>;
   a.rank = [](const TensorMap&) -> int64_t { return 0; };
-  a.supports = [](const LayerSpec& layer) { return fn::unsupported_layer(layer).empty(); };
+  a.supports = supports_weight_layer;
   return a;
 }
 

@@ -5,6 +5,7 @@
 #include "lycoris/error.hpp"
 #include "lycoris/functional/common.hpp"
 #include "lycoris/functional/dora.hpp"
+#include "lycoris/modules/common.hpp"
 #include "lycoris/modules/lokr.hpp"
 
 namespace lycoris {
@@ -22,27 +23,17 @@ struct HostScope {
 
 }  // namespace
 
-GLoKrImpl::GLoKrImpl(LayerSpec layer, AdapterOptions options)
-    : LowRankAdapter("glokr", std::move(layer), std::move(options)) {
-  check_low_rank_options(layer_, options_, "glokr");
-  const auto& o = options_;
-  auto layout = F::glokr::choose_layout(layer_, o.rank(), o.factor(), o.decompose_both(), o.full_matrix(),
-                                        o.unbalanced_factorization(), o.tucker());
-  setup(F::glokr::init_weights(layer_, layout, o.rank(), o.use_scalar()), {});
-  rank_ = o.rank();
-  // no factor low-rank: alpha is stored as the rank, as LoKr does (the scale is 1 either way)
-  alpha_ = F::glokr::all_full(weights()) ? static_cast<double>(o.rank()) : stored_alpha(o);
+GLoKrImpl::GLoKrImpl(LayerSpec layer, AdapterOptions options) : KronAdapter("glokr", std::move(layer), std::move(options)) {
+  setup(F::glokr::init_weights(layer_, fresh_layout(F::glokr::choose_layout), options_.rank(), options_.use_scalar()),
+        {});
+  finish_fresh();
 }
 
 GLoKrImpl::GLoKrImpl(LayerSpec layer, AdapterOptions options, F::glokr::Weights w, double alpha, torch::Tensor ds)
-    : LowRankAdapter("glokr", std::move(layer), std::move(options)) {
-  alpha_ = alpha;
-  options_.use_scalar(false).rs_lora(false).dora(false);
+    : KronAdapter("glokr", std::move(layer), std::move(options)) {
+  begin_loaded(alpha);
   setup(std::move(w), std::move(ds));
-  rank_ = F::glokr::rank(weights());
-  options_.rank(rank_).alpha(alpha_).tucker(glokr_b_t2.defined()).dora(dora_scale.defined());
-  options_.decompose_both(glokr_b_w1_a.defined()).full_matrix(F::glokr::all_full(weights()));
-  if (dora_scale.defined()) options_.wd_on_out(F::dora::on_out(dora_scale, layer_.weight_shape(), "glokr"));
+  finish_loaded(F::glokr::rank(weights()), glokr_b_t2.defined(), glokr_b_w1_a.defined());
 }
 
 void GLoKrImpl::setup(F::glokr::Weights w, torch::Tensor ds) {
@@ -61,10 +52,6 @@ void GLoKrImpl::setup(F::glokr::Weights w, torch::Tensor ds) {
   glokr_b_w2_b = reg("glokr_b_w2_b", w.b.w2b);
   glokr_b_t2 = reg("glokr_b_t2", w.b.t2);
   setup_common(glokr_a_w1.options(), std::move(ds));
-}
-
-double GLoKrImpl::scale() const {
-  return F::glokr::all_full(weights()) ? 1.0 : alpha_ / static_cast<double>(rank_);
 }
 
 F::glokr::Weights GLoKrImpl::weights() const {
@@ -204,17 +191,11 @@ Algorithm glokr_algorithm() {
   a.suffixes = glokr_suffixes();
   a.detect = [](const TensorMap& t) { return t.count("glokr_a_w1") > 0; };
   a.load = load_glokr;
-  a.create = [](const LayerSpec& layer, const AdapterOptions& o) -> AdapterPtr {
-    return std::make_shared<GLoKrImpl>(layer, o);
+  a.create = create_adapter<GLoKrImpl>;
+  a.rank = [](const TensorMap& t) {
+    return stored_size(t, {"glokr_a_w2_b", "glokr_b_w1_b", "glokr_b_t2", "glokr_b_w2_b"});
   };
-  a.rank = [](const TensorMap& t) -> int64_t {
-    for (const char* key : {"glokr_a_w2_b", "glokr_b_w1_b", "glokr_b_t2", "glokr_b_w2_b"}) {
-      auto x = F::optional(t, key);
-      if (x.defined() && x.dim() > 0) return x.size(0);
-    }
-    return 0;
-  };
-  a.supports = [](const LayerSpec& layer) { return F::unsupported_layer(layer).empty(); };
+  a.supports = supports_weight_layer;
   return a;
 }
 

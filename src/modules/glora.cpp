@@ -7,12 +7,14 @@
 #include "lycoris/algorithms.hpp"
 #include "lycoris/error.hpp"
 #include "lycoris/functional/common.hpp"
+#include "lycoris/modules/common.hpp"
 
 namespace lycoris {
 
 namespace fn = functional;
 
 GLoRAImpl::GLoRAImpl(const LayerSpec& layer, const AdapterOptions& options) : AdapterImpl("glora", layer, options) {
+  check_options("glora", layer_, options_, Hosts::Weights, /*needs_rank=*/true);
   const int64_t r = options.rank();
   auto w = fn::glora::init_weights(layer, r, options.use_scalar());
   a1 = register_parameter("a1", w.a1);
@@ -86,16 +88,9 @@ Algorithm glora_algorithm() {
     if (alpha.defined()) fn::scalar_value(alpha, module, "alpha");  // validates shape and dtype
     return std::make_shared<GLoRAImpl>(layer, w, alpha);
   };
-  a.create = [](const LayerSpec& layer, const AdapterOptions& options) -> AdapterPtr {
-    if (auto why = fn::unsupported_layer(layer); !why.empty()) throw OptionError("glora: " + why);
-    if (options.rank() < 1) throw OptionError("glora: rank must be >= 1, got " + std::to_string(options.rank()));
-    return std::make_shared<GLoRAImpl>(layer, options);
-  };
-  a.rank = [](const TensorMap& t) -> int64_t {
-    auto a2 = fn::optional(t, "a2.weight");
-    return a2.defined() && a2.dim() > 0 ? a2.size(0) : 0;
-  };
-  a.supports = [](const LayerSpec& layer) { return fn::unsupported_layer(layer).empty(); };
+  a.create = create_adapter<GLoRAImpl>;
+  a.rank = [](const TensorMap& t) { return stored_size(t, {"a2.weight"}); };
+  a.supports = supports_weight_layer;
   return a;
 }
 

@@ -6,6 +6,7 @@
 #include "lycoris/error.hpp"
 #include "lycoris/functional/common.hpp"
 #include "lycoris/functional/ia3.hpp"
+#include "lycoris/modules/common.hpp"
 
 namespace lycoris {
 
@@ -13,6 +14,7 @@ namespace fn = functional;
 
 IA3Impl::IA3Impl(const LayerSpec& layer, const AdapterOptions& options)
     : AdapterImpl("ia3", layer, options), on_input_(options.train_on_input()) {
+  check_options("ia3", layer_, options_, Hosts::Weights, /*needs_rank=*/false);
   weight = register_parameter("weight", fn::ia3::init_weights(layer, on_input_));
 }
 
@@ -55,12 +57,9 @@ Algorithm ia3_algorithm() {
                      std::string("one per ") + (on_input ? "input" : "output") + " channel of " + layer.describe());
     return std::make_shared<IA3Impl>(layer, w, on_input);
   };
-  a.create = [](const LayerSpec& layer, const AdapterOptions& options) -> AdapterPtr {
-    if (auto why = fn::unsupported_layer(layer); !why.empty()) throw OptionError("ia3: " + why);
-    return std::make_shared<IA3Impl>(layer, options);
-  };
+  a.create = create_adapter<IA3Impl>;
   a.rank = [](const TensorMap&) -> int64_t { return 0; };
-  a.supports = [](const LayerSpec& layer) { return fn::unsupported_layer(layer).empty(); };
+  a.supports = supports_weight_layer;
   return a;
 }
 

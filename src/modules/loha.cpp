@@ -5,6 +5,7 @@
 #include "lycoris/error.hpp"
 #include "lycoris/functional/common.hpp"
 #include "lycoris/functional/dora.hpp"
+#include "lycoris/modules/common.hpp"
 
 namespace lycoris {
 
@@ -18,11 +19,9 @@ LoHaImpl::LoHaImpl(LayerSpec layer, AdapterOptions options) : LowRankAdapter("lo
 
 LoHaImpl::LoHaImpl(LayerSpec layer, AdapterOptions options, F::loha::Weights w, double alpha, torch::Tensor ds)
     : LowRankAdapter("loha", std::move(layer), std::move(options)) {
-  alpha_ = alpha;
-  options_.use_scalar(false).rs_lora(false).dora(false);
+  begin_loaded(alpha);
   setup(std::move(w), std::move(ds));
-  options_.rank(rank()).alpha(alpha_).tucker(hada_t1.defined()).dora(dora_scale.defined());
-  if (dora_scale.defined()) options_.wd_on_out(F::dora::on_out(dora_scale, layer_.weight_shape(), "loha"));
+  record_loaded(rank(), hada_t1.defined());
 }
 
 void LoHaImpl::setup(F::loha::Weights w, torch::Tensor ds) {
@@ -127,14 +126,9 @@ Algorithm loha_algorithm() {
   a.suffixes = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha", "dora_scale"};
   a.detect = [](const TensorMap& t) { return t.count("hada_w1_a") > 0; };
   a.load = load_loha;
-  a.create = [](const LayerSpec& layer, const AdapterOptions& o) -> AdapterPtr {
-    return std::make_shared<LoHaImpl>(layer, o);
-  };
-  a.rank = [](const TensorMap& t) -> int64_t {
-    auto b = F::optional(t, "hada_w1_b");
-    return b.defined() && b.dim() > 0 ? b.size(0) : 0;
-  };
-  a.supports = [](const LayerSpec& layer) { return F::unsupported_layer(layer).empty(); };
+  a.create = create_adapter<LoHaImpl>;
+  a.rank = [](const TensorMap& t) { return stored_size(t, {"hada_w1_b"}); };
+  a.supports = supports_weight_layer;
   return a;
 }
 

@@ -5,31 +5,33 @@
 #include "lycoris/error.hpp"
 #include "lycoris/functional/common.hpp"
 #include "lycoris/functional/dora.hpp"
+#include "lycoris/modules/common.hpp"
 
 namespace lycoris {
 
 namespace F = functional;
 
-LoKrImpl::LoKrImpl(LayerSpec layer, AdapterOptions options) : LowRankAdapter("lokr", std::move(layer), std::move(options)) {
-  check_low_rank_options(layer_, options_, "lokr");
-  const auto& o = options_;
-  auto layout = F::lokr::choose_layout(layer_, o.rank(), o.factor(), o.decompose_both(), o.full_matrix(),
-                                       o.unbalanced_factorization(), o.tucker());
-  setup(F::lokr::init_weights(layer_, layout, o.rank(), o.use_scalar()), {});
-  rank_ = o.rank();
-  // both factors full: the reference stores alpha = rank (the scale is 1 either way)
-  alpha_ = F::lokr::both_full(weights()) ? static_cast<double>(o.rank()) : stored_alpha(o);
+void KronAdapter::finish_fresh() {
+  rank_ = options_.rank();
+  alpha_ = all_full() ? static_cast<double>(rank_) : stored_alpha(options_);
+}
+
+void KronAdapter::finish_loaded(int64_t rank, bool tucker, bool decompose_both) {
+  rank_ = rank;
+  record_loaded(rank, tucker);
+  options_.decompose_both(decompose_both).full_matrix(all_full());
+}
+
+LoKrImpl::LoKrImpl(LayerSpec layer, AdapterOptions options) : KronAdapter("lokr", std::move(layer), std::move(options)) {
+  setup(F::lokr::init_weights(layer_, fresh_layout(F::lokr::choose_layout), options_.rank(), options_.use_scalar()), {});
+  finish_fresh();
 }
 
 LoKrImpl::LoKrImpl(LayerSpec layer, AdapterOptions options, F::lokr::Weights w, double alpha, torch::Tensor ds)
-    : LowRankAdapter("lokr", std::move(layer), std::move(options)) {
-  alpha_ = alpha;
-  options_.use_scalar(false).rs_lora(false).dora(false);
+    : KronAdapter("lokr", std::move(layer), std::move(options)) {
+  begin_loaded(alpha);
   setup(std::move(w), std::move(ds));
-  rank_ = F::lokr::rank(weights());
-  options_.rank(rank_).alpha(alpha_).tucker(lokr_t2.defined()).dora(dora_scale.defined());
-  options_.decompose_both(lokr_w1_a.defined()).full_matrix(F::lokr::both_full(weights()));
-  if (dora_scale.defined()) options_.wd_on_out(F::dora::on_out(dora_scale, layer_.weight_shape(), "lokr"));
+  finish_loaded(F::lokr::rank(weights()), lokr_t2.defined(), lokr_w1_a.defined());
 }
 
 void LoKrImpl::setup(F::lokr::Weights w, torch::Tensor ds) {
@@ -44,10 +46,6 @@ void LoKrImpl::setup(F::lokr::Weights w, torch::Tensor ds) {
   lokr_w2_b = reg("lokr_w2_b", w.w2b);
   lokr_t2 = reg("lokr_t2", w.t2);
   setup_common((lokr_w1.defined() ? lokr_w1 : lokr_w1_a).options(), std::move(ds));
-}
-
-double LoKrImpl::scale() const {
-  return lokr_w1.defined() && lokr_w2.defined() ? 1.0 : alpha_ / static_cast<double>(rank_);
 }
 
 F::lokr::Weights LoKrImpl::weights() const {
@@ -162,17 +160,9 @@ Algorithm lokr_algorithm() {
   a.suffixes = {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha", "dora_scale"};
   a.detect = [](const TensorMap& t) { return t.count("lokr_w1") > 0 || t.count("lokr_w1_a") > 0; };
   a.load = load_lokr;
-  a.create = [](const LayerSpec& layer, const AdapterOptions& o) -> AdapterPtr {
-    return std::make_shared<LoKrImpl>(layer, o);
-  };
-  a.rank = [](const TensorMap& t) -> int64_t {
-    for (const char* key : {"lokr_w1_b", "lokr_t2", "lokr_w2_b"}) {
-      auto x = F::optional(t, key);
-      if (x.defined() && x.dim() > 0) return x.size(0);
-    }
-    return 0;
-  };
-  a.supports = [](const LayerSpec& layer) { return F::unsupported_layer(layer).empty(); };
+  a.create = create_adapter<LoKrImpl>;
+  a.rank = [](const TensorMap& t) { return stored_size(t, {"lokr_w1_b", "lokr_t2", "lokr_w2_b"}); };
+  a.supports = supports_weight_layer;
   return a;
 }
 

@@ -7,6 +7,7 @@
 #include "lycoris/error.hpp"
 #include "lycoris/functional/common.hpp"
 #include "lycoris/functional/dora.hpp"
+#include "lycoris/modules/common.hpp"
 
 namespace lycoris {
 
@@ -15,13 +16,7 @@ namespace F = functional;
 // ---------------------------------------------------------------- shared low-rank helpers
 
 void check_low_rank_options(const LayerSpec& layer, const AdapterOptions& o, const std::string& algo) {
-  const std::string who = algo + " on " + layer.describe() + ": ";
-  if (auto why = F::unsupported_layer(layer); !why.empty()) throw OptionError(who + why);
-  if (o.rank() < 1) throw OptionError(who + "rank must be >= 1, got " + std::to_string(o.rank()));
-  for (auto [name, p] : {std::pair<const char*, double>{"dropout", o.dropout()},
-                         {"rank_dropout", o.rank_dropout()},
-                         {"module_dropout", o.module_dropout()}})
-    if (!(p >= 0.0 && p <= 1.0)) throw OptionError(who + name + " must be in [0, 1], got " + std::to_string(p));
+  check_options(algo, layer, o, Hosts::Weights, /*needs_rank=*/true);
 }
 
 double stored_alpha(const AdapterOptions& o) {
@@ -117,6 +112,16 @@ void LowRankAdapter::setup_common(const torch::TensorOptions& po, torch::Tensor 
   }
 }
 
+void LowRankAdapter::begin_loaded(double alpha) {
+  alpha_ = alpha;
+  options_.use_scalar(false).rs_lora(false).dora(false);
+}
+
+void LowRankAdapter::record_loaded(int64_t rank, bool tucker) {
+  options_.rank(rank).alpha(alpha_).tucker(tucker).dora(dora_scale.defined());
+  if (dora_scale.defined()) options_.wd_on_out(F::dora::on_out(dora_scale, layer_.weight_shape(), algo_));
+}
+
 torch::Tensor LowRankAdapter::diff_weight() {
   auto dw = raw_diff();
   if (is_training() && options_.rank_dropout() > 0)
@@ -173,11 +178,9 @@ LoRAImpl::LoRAImpl(LayerSpec layer, AdapterOptions options) : LowRankAdapter("lo
 LoRAImpl::LoRAImpl(LayerSpec layer, AdapterOptions options, F::lora::Weights w, double alpha,
                    torch::Tensor dora_scale_)
     : LowRankAdapter("lora", std::move(layer), std::move(options)) {
-  alpha_ = alpha;
-  options_.use_scalar(false).rs_lora(false).dora(false);  // files carry no scalar; the rs factor is in alpha
+  begin_loaded(alpha);
   setup(std::move(w), std::move(dora_scale_));
-  options_.rank(rank()).alpha(alpha_).tucker(lora_mid.defined()).dora(dora_scale.defined());
-  if (dora_scale.defined()) options_.wd_on_out(F::dora::on_out(dora_scale, layer_.weight_shape(), "lora"));
+  record_loaded(rank(), lora_mid.defined());
 }
 
 void LoRAImpl::setup(F::lora::Weights w, torch::Tensor ds) {
@@ -238,14 +241,9 @@ Algorithm lora_algorithm() {
     if (f.bias_indices.defined()) m->set_sparse_bias(f.bias_indices, f.bias_values, f.bias_size);
     return m;
   };
-  a.create = [](const LayerSpec& layer, const AdapterOptions& o) -> AdapterPtr {
-    return std::make_shared<LoRAImpl>(layer, o);
-  };
-  a.rank = [](const TensorMap& t) -> int64_t {
-    auto d = F::optional(t, "lora_down.weight");
-    return d.defined() && d.dim() > 0 ? d.size(0) : 0;
-  };
-  a.supports = [](const LayerSpec& layer) { return F::unsupported_layer(layer).empty(); };
+  a.create = create_adapter<LoRAImpl>;
+  a.rank = [](const TensorMap& t) { return stored_size(t, {"lora_down.weight"}); };
+  a.supports = supports_weight_layer;
   return a;
 }
 

@@ -7,12 +7,15 @@
 #include "lycoris/functional/common.hpp"
 #include "lycoris/functional/full.hpp"
 #include "lycoris/functional/norm.hpp"
+#include "lycoris/modules/common.hpp"
 
 namespace lycoris {
 
 namespace fn = functional;
 
 NormImpl::NormImpl(const LayerSpec& layer, const AdapterOptions& options) : AdapterImpl("norm", layer, options) {
+  // the reference marks a non-norm host "unsupported" and does nothing; rejecting it is clearer (TRAINING.md §9)
+  check_options("norm", layer_, options_, Hosts::Norms, /*needs_rank=*/false);
   auto init = fn::norm::init_weights(layer);
   w_norm = register_parameter("w_norm", init.first);
   b_norm = register_parameter("b_norm", init.second);
@@ -58,20 +61,13 @@ NamedTensors NormImpl::file_tensors() const {
   return out;
 }
 
-namespace {
-std::string unsupported_norm(const LayerSpec& layer) {
-  if (!layer.is_norm()) return layer.describe() + " is not a LayerNorm or GroupNorm layer";
-  return {};
-}
-}  // namespace
-
 Algorithm norm_algorithm() {
   Algorithm a;
   a.name = "norm";
   a.suffixes = {"w_norm", "b_norm"};
   a.detect = [](const TensorMap& t) { return t.count("w_norm") > 0; };
   a.load = [](const std::string& module, const TensorMap& t, const LayerSpec& layer) -> AdapterPtr {
-    if (auto why = unsupported_norm(layer); !why.empty()) throw ShapeError(module + ": norm: " + why);
+    if (auto why = unsupported_host(layer, Hosts::Norms); !why.empty()) throw ShapeError(module + ": norm: " + why);
     fn::expect_keys(t, {"w_norm", "b_norm"}, module, "norm");
     const auto& w = fn::require(t, "w_norm", module);
     fn::expect_shape(w, {layer.out_features}, module, "w_norm", "one per channel of " + layer.describe());
@@ -79,10 +75,7 @@ Algorithm norm_algorithm() {
     if (b.defined()) fn::expect_shape(b, {layer.out_features}, module, "b_norm", "one per channel");
     return std::make_shared<NormImpl>(layer, w, b);
   };
-  a.create = [](const LayerSpec& layer, const AdapterOptions& options) -> AdapterPtr {
-    if (auto why = unsupported_norm(layer); !why.empty()) throw OptionError("norm: " + why);
-    return std::make_shared<NormImpl>(layer, options);
-  };
+  a.create = create_adapter<NormImpl>;
   a.rank = [](const TensorMap&) -> int64_t { return 0; };
   a.supports = [](const LayerSpec& layer) { return layer.is_norm(); };
   return a;

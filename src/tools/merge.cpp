@@ -202,7 +202,7 @@ MergeReport merge(const std::string& base_path, const std::string& output, const
     shapes[t.name] = t.shape;
     keys.push_back(t.name);
   }
-  naming::Resolver names(keys);
+  naming::Resolver names(keys, options.base_format);
 
   // ---- load every adapter and plan the steps of every base tensor (adapters in order)
   std::vector<LoadedAdapter> adapters;
@@ -222,6 +222,16 @@ MergeReport merge(const std::string& base_path, const std::string& output, const
     for (size_t i = 0; i < adapters.size(); ++i)
       for (const auto& m : adapters[i].modules) {
         const double w = options.adapters[i].weight;
+        if (m.target.layer.fused()) {  // q/k/v rows of OpenCLIP's in_proj_weight (naming.hpp): not merged yet
+          const std::string why = adapters[i].path + ": " + m.name + " maps to rows part " +
+                                  std::to_string(m.target.layer.part) + "/" + std::to_string(m.target.layer.parts) +
+                                  " of the fused tensor " + m.target.layer.weight_key +
+                                  ": merging into fused OpenCLIP q/k/v projections is not supported";
+          if (!options.allow_unmatched) throw OptionError(why + " (--allow-unmatched skips such modules)");
+          warn("skipped " + why);
+          --report.modules_applied[i];
+          continue;
+        }
         plan[m.target.layer.weight_key].push_back({&m, i, w, false});
         if (!m.target.layer.bias_key.empty()) {
           plan[m.target.layer.bias_key].push_back({&m, i, w, true});

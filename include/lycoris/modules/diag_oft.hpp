@@ -3,6 +3,8 @@
 #pragma once
 #include <torch/nn/pimpl.h>
 
+#include <string>
+
 #include "lycoris/adapter.hpp"
 
 namespace lycoris {
@@ -35,5 +37,8 @@ class DiagOFTImpl : public AdapterImpl {
                                 // Module::to(dtype) cannot turn an int64 alpha into a float
 };
 TORCH_MODULE(DiagOFT);
+
+// check_options for Diag-OFT / BOFT plus their own: rank (the block-size bound) positive or −1, constraint >= 0.
+void check_oft_options(const std::string& algo, const LayerSpec& layer, const AdapterOptions& options);
 
 }  // namespace lycoris

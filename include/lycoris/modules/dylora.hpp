@@ -19,7 +19,14 @@ class DyLoRAImpl : public LowRankAdapter {
   // The first `rank` rank channels as a LoRA module (rank a multiple of block_size, ≤ full rank), alpha kept.
   NamedTensors file_tensors(int64_t rank) const;
   int64_t rank() const override { return lora_down.size(0); }
-  void on_step() override;  // draws the block used by the next training forwards
+  int64_t block_size() const { return block_size_; }
+  int64_t num_blocks() const { return rank() / block_size_; }
+  // Draws the block count j+1 ∈ [1, nb] (uniform) used by the next training forwards; also drawn once at
+  // construction.
+  void on_step() override;
+  // Training forwards use blocks 0…n−1 (block n−1 trainable) until the next on_step; OptionError unless
+  // 1 ≤ n ≤ nb.
+  void set_active_blocks(int64_t n);
   int64_t active_blocks() const { return blocks_; }
 
   torch::Tensor lora_down, lora_up;

@@ -4,13 +4,13 @@
 #include <torch/nn/pimpl.h>
 
 #include "lycoris/functional/glokr.hpp"
-#include "lycoris/modules/lora.hpp"
+#include "lycoris/modules/lokr.hpp"
 
 namespace lycoris {
 
 // Shares the low-rank machinery (scalar, DoRA, dropout family, W' = W + m·ΔW) with LoKr; ΔW depends on the
 // current host weight W, which apply_weight / bypass_forward hand to raw_diff / raw_bypass.
-class GLoKrImpl : public LowRankAdapter {
+class GLoKrImpl : public KronAdapter {
  public:
   // A fresh adapter for training: LoKr's layout rules for B, A2 low-rank iff 2r < q (and not full_matrix),
   // ΔW = 0 at init; OptionError on invalid options.
@@ -26,10 +26,6 @@ class GLoKrImpl : public LowRankAdapter {
   // glokr_b_w1 | glokr_b_w1_a, glokr_b_w1_b, glokr_b_w2 | glokr_b_w2_a, glokr_b_w2_b, glokr_b_t2?
   // (the scalar folded into glokr_a_w1 and glokr_b_w1 / glokr_b_w1_a).
   NamedTensors file_tensors() const override;
-  // Rank of the low-rank factors (0 for a loaded file in which every factor is full).
-  int64_t rank() const override { return rank_; }
-  // alpha / rank, or 1 when no factor is low-rank (alpha ignored).
-  double scale() const override;
 
   torch::Tensor glokr_a_w1, glokr_a_w2, glokr_a_w2_a, glokr_a_w2_b;  // A1 (p, p); A2 (q, q) or (q, r)·(r, q)
   torch::Tensor glokr_b_w1, glokr_b_w1_a, glokr_b_w1_b, glokr_b_w2, glokr_b_w2_a, glokr_b_w2_b, glokr_b_t2;
@@ -37,12 +33,12 @@ class GLoKrImpl : public LowRankAdapter {
  protected:
   torch::Tensor raw_diff() override;
   torch::Tensor raw_bypass(const torch::Tensor& x, double m) override;
+  bool all_full() const override { return functional::glokr::all_full(weights()); }
 
  private:
   void setup(functional::glokr::Weights w, torch::Tensor dora_scale);
   functional::glokr::Weights weights() const;  // scalar folded into A1 and B1 (or B1a)
   const torch::Tensor& host() const;
-  int64_t rank_ = 0;
   torch::Tensor host_;  // the host weight of the current apply_weight / bypass_forward call
 };
 TORCH_MODULE(GLoKr);

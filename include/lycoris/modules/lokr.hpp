@@ -7,7 +7,39 @@
 
 namespace lycoris {
 
-class LoKrImpl : public LowRankAdapter {
+// What the Kronecker-layout algorithms (LoKr, GLoKr) share: the layout chosen from the options, the rank of
+// the low-rank factor (not a tensor's size: every factor may be full) and the scale rule
+// s = alpha / rank, or 1 when no factor is low-rank (alpha ignored, also under rs_lora: QUIRKS Q5).
+class KronAdapter : public LowRankAdapter {
+ public:
+  using LowRankAdapter::LowRankAdapter;
+  // Rank of the low-rank factor (0 for a loaded file whose factors are all full).
+  int64_t rank() const override { return rank_; }
+  double scale() const override { return all_full() ? 1.0 : alpha_ / static_cast<double>(rank_); }
+
+ protected:
+  // No factor is stored low-rank.
+  virtual bool all_full() const = 0;
+  // Fresh adapters: validates the options (OptionError), then calls
+  // choose(layer, rank, factor, decompose_both, full_matrix, unbalanced_factorization, tucker).
+  template <class Choose>
+  auto fresh_layout(Choose choose) {
+    check_low_rank_options(layer_, options_, algo_);
+    const auto& o = options_;
+    return choose(layer_, o.rank(), o.factor(), o.decompose_both(), o.full_matrix(), o.unbalanced_factorization(),
+                  o.tucker());
+  }
+  // After setup of a fresh adapter: rank = options.rank(); alpha stored as the rank when every factor is
+  // full (as the reference does; the scale is 1 either way), else stored_alpha (rs_lora folded in).
+  void finish_fresh();
+  // After setup from a file (begin_loaded first): records rank, alpha, Tucker, DoRA, decompose_both and
+  // full_matrix in options().
+  void finish_loaded(int64_t rank, bool tucker, bool decompose_both);
+
+  int64_t rank_ = 0;
+};
+
+class LoKrImpl : public KronAdapter {
  public:
   // A fresh adapter for training: layout from factorization() (FORMAT.md §5.3), reference initialisation
   // (ΔW = 0), OptionError on invalid options.
@@ -17,10 +49,6 @@ class LoKrImpl : public LowRankAdapter {
            torch::Tensor dora_scale = {});
 
   NamedTensors file_tensors() const override;
-  // Rank of the low-rank factor (0 for a loaded file whose two factors are full).
-  int64_t rank() const override { return rank_; }
-  // alpha / rank, or 1 when both Kronecker factors are full (alpha ignored, also under rs_lora: Q5).
-  double scale() const override;
 
   // Parameters present per layout: lokr_w1 or lokr_w1_a/_b; lokr_w2 or lokr_w2_a/_b (+ lokr_t2).
   torch::Tensor lokr_w1, lokr_w1_a, lokr_w1_b, lokr_w2, lokr_w2_a, lokr_w2_b, lokr_t2;
@@ -28,11 +56,11 @@ class LoKrImpl : public LowRankAdapter {
  protected:
   torch::Tensor raw_diff() override;
   torch::Tensor raw_bypass(const torch::Tensor& x, double m) override;
+  bool all_full() const override { return lokr_w1.defined() && lokr_w2.defined(); }
 
  private:
   void setup(functional::lokr::Weights w, torch::Tensor dora_scale);
   functional::lokr::Weights weights() const;  // scalar folded into w1 / w1_a
-  int64_t rank_ = 0;
 };
 TORCH_MODULE(LoKr);
 

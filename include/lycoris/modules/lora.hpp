@@ -44,6 +44,10 @@ class LowRankAdapter : public AdapterImpl {
   // Registers `scalar` (per options().use_scalar()) and `dora_scale`: `loaded` when given, else fresh
   // (ones, filled from W on first use) when options().dora().
   void setup_common(const torch::TensorOptions& param_options, torch::Tensor loaded_dora_scale);
+  // Constructors from a file: begin_loaded before setup (files carry no scalar and the rs_lora factor is in
+  // alpha), record_loaded after it (options() then says what the file holds: rank, alpha, Tucker, DoRA axis).
+  void begin_loaded(double alpha);
+  void record_loaded(int64_t rank, bool tucker);
   // Output channels of a bypass delta dropped like the rows of ΔW (rank_dropout in training).
   torch::Tensor drop_out_channels(const torch::Tensor& delta) const;
   torch::Tensor merged(const torch::Tensor& W, double m);
@@ -81,8 +85,8 @@ class LoRAImpl : public LowRankAdapter {
 TORCH_MODULE(LoRA);
 
 // --- shared by the low-rank family (LoRA, LoHa, LoKr, DyLoRA) ---
-// OptionError "<algo> on <layer>: <reason>" for an unsupported layer (not Linear/Conv, grouped conv),
-// rank < 1 or a dropout probability outside [0, 1].
+// check_options (modules/common.hpp) for Linear/Conv hosts with a rank: OptionError "<algo> on <layer>: <reason>"
+// for an unsupported layer (not Linear/Conv, grouped conv), rank < 1 or a dropout probability outside [0, 1].
 void check_low_rank_options(const LayerSpec& layer, const AdapterOptions& options, const std::string& algo);
 // The alpha stored in files for these options (FORMAT.md §4.1): α = options.alpha (0 → rank), times
 // rank / √rank with rs_lora, so that scale = alpha / rank is the training scale.

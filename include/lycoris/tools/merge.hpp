@@ -17,6 +17,8 @@
 #include <string>
 #include <vector>
 
+#include "lycoris/naming.hpp"
+
 namespace lycoris::tools {
 
 struct MergeInput {
@@ -38,6 +40,8 @@ struct MergeOptions {
   std::optional<torch::ScalarType> dtype;
   torch::Device device = torch::kCPU;  // where ΔW is computed
   bool allow_unmatched = false;        // unmatched / wrongly shaped adapter modules → warnings
+  // Layout of the base checkpoint's keys (naming dialects, naming.hpp); Auto detects it from the keys.
+  naming::BaseFormat base_format = naming::BaseFormat::Auto;
   int threads = 0;                     // torch intra-op threads (at::set_num_threads); 0 = leave as is
   uint64_t max_bytes_in_flight = 256ull << 20;  // read-ahead budget of the pipeline
   std::function<void(const std::string&)> on_warning;       // default: collected in the report only

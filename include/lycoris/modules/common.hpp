@@ -1,0 +1,39 @@
+// What every adapter module shares at construction and in its registry entry (TRAINING.md §1, §9):
+// option validation with one error style, warnings for options an algorithm ignores, and the registry
+// snippets (create, rank from stored shapes, supported layers).
+#pragma once
+#include <initializer_list>
+#include <memory>
+#include <string>
+
+#include "lycoris/adapter.hpp"
+
+namespace lycoris {
+
+// The layers an algorithm can wrap.
+enum class Hosts {
+  Weights,  // Linear, Conv1d/2d/3d with groups 1 (grouped convs are rejected, QUIRKS Q45)
+  Norms,    // LayerNorm, GroupNorm
+};
+
+// Validates what every algorithm shares and throws OptionError "<algo> on <layer>: <option> …" naming the
+// offending option: an unsupported layer; dropout, rank_dropout, module_dropout outside [0, 1]; rank < 1
+// when `needs_rank`; bypass_mode for an algorithm without one (Full, TRAINING.md §4.4). Then warns once
+// per message (TORCH_WARN) for every option set away from its default that `algo` ignores (TRAINING.md §9:
+// "warn, not silently ignore").
+void check_options(const std::string& algo, const LayerSpec& layer, const AdapterOptions& options, Hosts hosts,
+                   bool needs_rank);
+// Empty when `hosts` includes the layer, else the reason.
+std::string unsupported_host(const LayerSpec& layer, Hosts hosts);
+
+// Registry snippets.
+template <class Impl>
+AdapterPtr create_adapter(const LayerSpec& layer, const AdapterOptions& options) {
+  return std::make_shared<Impl>(layer, options);
+}
+// size(dim) of the first of `keys` stored with at least one dimension (0 if none): the rank read from a
+// module's shapes for `info`.
+int64_t stored_size(const TensorMap& tensors, std::initializer_list<const char*> keys, int64_t dim = 0);
+bool supports_weight_layer(const LayerSpec& layer);
+
+}  // namespace lycoris
