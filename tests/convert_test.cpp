@@ -374,6 +374,18 @@ TEST(Convert, CliUsageAndErrors) {
   EXPECT_THROW(convert_to(dir + "/odd.safetensors", dir + "/x.safetensors", AdapterFormat::Peft,
                           test::data_path("golden/lora/base.safetensors")),
                KeyError);
+  // a key PEFT has no place for (sd-webui's "scale") is refused, not dropped; kohya keeps it
+  io::save_file(dir + "/scale.safetensors", {{"lora_unet_x.lora_down.weight", torch::ones({1, 2})},
+                                             {"lora_unet_x.lora_up.weight", torch::ones({2, 1})},
+                                             {"lora_unet_x.scale", torch::tensor(0.5f)}});
+  try {
+    convert_to(dir + "/scale.safetensors", dir + "/x.safetensors", AdapterFormat::Peft);
+    ADD_FAILURE() << "scale key dropped";
+  } catch (const OptionError& e) {
+    EXPECT_NE(std::string(e.what()).find("lora_unet_x: key 'scale' has no PEFT equivalent"), std::string::npos) << e.what();
+  }
+  convert_to(dir + "/scale.safetensors", dir + "/k.safetensors", AdapterFormat::Lycoris);
+  EXPECT_TRUE(io::SafetensorsFile::open(dir + "/k.safetensors").contains("lycoris_x.scale"));
 }
 
 }  // namespace convert_test

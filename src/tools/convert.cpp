@@ -114,6 +114,9 @@ bool is_peft_key(const std::string& key) {
   for (const auto& [p, c] : peft_prefixes())
     if (starts_with(key, p)) return true;
   const auto dot = key.find('.');
+  // "lora_unet_…", "lycoris_…": a LyCORIS/kohya module, whatever its suffix
+  for (const auto& [p, c] : lycoris_prefixes())
+    if (starts_with(key, p + "_") && (dot == std::string::npos || dot > p.size() + 1)) return false;
   // a bare dotted path ("down_blocks.0.….hada_w1_a"): the text after the first '.' is no LyCORIS suffix
   return dot != std::string::npos && !lycoris_suffixes().count(key.substr(dot + 1));
 }
@@ -432,6 +435,10 @@ ConvertReport convert(const std::string& input, const std::string& output, const
       if (suffix == "alpha") continue;  // folded
       if (sparse_bias_suffixes().count(suffix)) {
         ++dropped_sparse;
+        continue;
+      }
+      if (std::find(algo->suffixes.begin(), algo->suffixes.end(), suffix) == algo->suffixes.end()) {
+        refused.push_back(m.name + ": key '" + suffix + "' has no PEFT equivalent");
         continue;
       }
       torch::Tensor t = (fold && suffix == fold && s != 1.0) ? scaled(t0, s) : t0;
