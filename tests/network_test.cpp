@@ -342,6 +342,70 @@ TEST(NetworkOptions, UnknownAlgorithmAndBadOptionsAreOptionErrors) {
   }
 }
 
+// FORMAT.md §2/§5.1/§5.5/§6: names, key order, shapes and alpha of a saved LoCon + Norm network; dtype cast.
+TEST(NetworkSave, KeysShapesAndDtypeFollowTheFormat) {
+  torch::manual_seed(7);
+  auto model = std::make_shared<Plain>();
+  auto net = lycoris::create_lycoris(model, 1.0, 4, 2.0, lycoris::NetworkOptions().conv_dim(2).conv_alpha(1.0).train_norm(true));
+  const auto dir = lycoris::test::temp_dir("network-format");
+  net->save_weights(dir + "/a.safetensors", torch::kHalf, {{"note", "x"}, {"lycoris_algo", "overridden"}});
+  auto f = lycoris::io::SafetensorsFile::open(dir + "/a.safetensors");
+  using Shape = std::vector<int64_t>;
+  const std::vector<std::pair<std::string, Shape>> expected = {
+      {"lycoris_conv3.alpha", {}},          {"lycoris_conv3.lora_up.weight", {8, 2, 1, 1}},
+      {"lycoris_conv3.lora_down.weight", {2, 4, 3, 3}},
+      {"lycoris_gn.w_norm", {8}},           {"lycoris_gn.b_norm", {8}},
+      {"lycoris_conv1.alpha", {}},          {"lycoris_conv1.lora_up.weight", {8, 4, 1, 1}},
+      {"lycoris_conv1.lora_down.weight", {4, 8, 1, 1}},
+      {"lycoris_head_fc1.alpha", {}},       {"lycoris_head_fc1.lora_up.weight", {16, 4}},
+      {"lycoris_head_fc1.lora_down.weight", {4, 8}},
+      {"lycoris_head_ln.w_norm", {16}},     {"lycoris_head_ln.b_norm", {16}},
+      {"lycoris_head_fc2.alpha", {}},       {"lycoris_head_fc2.lora_up.weight", {4, 4}},
+      {"lycoris_head_fc2.lora_down.weight", {4, 16}},
+  };
+  ASSERT_EQ(f.names().size(), expected.size());
+  for (size_t i = 0; i < expected.size(); ++i) {
+    EXPECT_EQ(f.names()[i], expected[i].first);
+    EXPECT_EQ(f.info(expected[i].first).shape, expected[i].second) << expected[i].first;
+    EXPECT_EQ(f.info(expected[i].first).dtype, lycoris::io::DType::F16) << expected[i].first;
+  }
+  EXPECT_EQ(f.tensor("lycoris_conv3.alpha").item<float>(), 1.0f);
+  EXPECT_EQ(f.tensor("lycoris_head_fc1.alpha").item<float>(), 2.0f);
+  EXPECT_TRUE(torch::equal(f.tensor("lycoris_head_fc1.lora_up.weight"), torch::zeros({16, 4}, torch::kHalf)));  // ΔW = 0 at init
+  EXPECT_EQ(f.metadata().at("note"), "x");
+  EXPECT_EQ(f.metadata().at("lycoris_algo"), "overridden");  // given entries win
+  auto opts = nlohmann::json::parse(f.metadata().at("lycoris_options"));
+  EXPECT_EQ(opts["linear_dim"], 4);
+  EXPECT_EQ(opts["conv_dim"], 2);
+  EXPECT_EQ(opts["preset"], "full");
+}
+
+// Options the reference's create_lycoris drops silently reach the modules here (QUIRKS Q37).
+TEST(NetworkOptions, DroppedByTheReferenceReachTheModules) {
+  auto model = std::make_shared<Plain>();
+  auto net = lycoris::create_lycoris(
+      model, 1.0, 4, 1.0,
+      lycoris::NetworkOptions().module(
+          lycoris::AdapterOptions().algo("lora").rs_lora(true).dora(true).rank_dropout(0.1).rank_dropout_scale(true)));
+  for (const auto& m : net->modules()) {
+    EXPECT_TRUE(m.adapter->options().rs_lora()) << m.name;
+    EXPECT_TRUE(m.adapter->options().dora()) << m.name;
+    EXPECT_TRUE(m.adapter->options().rank_dropout_scale()) << m.name;
+    // rs-LoRA: the stored alpha is α·√r so that alpha/r = α/√r (FORMAT.md §4.1)
+    EXPECT_NEAR(m.adapter->alpha(), 1.0 * std::sqrt(double(m.adapter->rank())), 1e-9) << m.name;
+  }
+  // multiplier 0 leaves the model's outputs as they were (ΔW scaled by 0; DoRA's scale equals the norm)
+  net->apply_to();
+  net->eval();
+  net->set_multiplier(0.0);
+  const auto x = input();
+  net->restore();
+  const auto y0 = model->forward(x);
+  net->apply_to();
+  EXPECT_TRUE(all_close(model->forward(x), y0, 1e-5, 1e-5, "multiplier 0"));
+  net->restore();
+}
+
 // ---------------------------------------------------------------- from weights: unmatched / wrong shapes
 
 TEST(NetworkFromWeights, UnmatchedModulesWarnWrongShapesThrow) {
