@@ -20,6 +20,8 @@
 // original weight; one network alone gives exactly apply_weight(W0, m)); the registered parameter W0
 // stays what named_parameters() returns, frozen (requires_grad false while bound) and never written.
 // restore() assigns W0 back: the model is bit-identical (same tensor objects, flags restored).
+// Only the adapted layers' weight/bias are frozen; parameters of layers the network does not adapt keep
+// their requires_grad (freeze them yourself if they would otherwise receive gradients you do not want).
 //
 // ONE RECOMPUTATION PER STEP. W' carries the autograd graph of the adapter parameters; backward frees it
 // and optimizer.step() changes the parameters in place, so W' must be recomputed once per step:
