@@ -28,27 +28,33 @@ std::optional<torch::ScalarType> parse_dtype(const std::string& s) {
   throw OptionError("--dtype: unknown dtype '" + s + "' (keep, fp32, fp16, bf16, fp64)");
 }
 
-// One-line progress bar on stderr, redrawn at most every 100 ms.
+// One-line progress bar on stderr, redrawn at most every 100 ms: bytes done, tensor count, elapsed time,
+// ETA (from the data rate since the first tensor, so adapter loading does not skew it), current tensor.
 class ProgressBar {
  public:
   void update(const tools::MergeProgress& p) {
+    if (p.index == 1) first_ = {p.seconds, p.bytes_done};
     auto now = std::chrono::steady_clock::now();
     if (p.index != p.total && now - last_ < std::chrono::milliseconds(100)) return;
     last_ = now;
     const double frac = p.bytes_total ? static_cast<double>(p.bytes_done) / static_cast<double>(p.bytes_total)
                                       : static_cast<double>(p.index) / static_cast<double>(p.total ? p.total : 1);
+    const double dt = p.seconds - first_.first, db = static_cast<double>(p.bytes_done - first_.second);
+    const double eta = db > 0 && dt > 0 ? static_cast<double>(p.bytes_total - p.bytes_done) * dt / db : 0.0;
     const int width = 30, filled = static_cast<int>(frac * width);
     std::string name = p.key ? *p.key : "";
-    if (name.size() > 48) name = "…" + name.substr(name.size() - 47);
-    std::fprintf(stderr, "\r[%s%s] %3d%% %zu/%zu %-48s", std::string(static_cast<size_t>(filled), '#').c_str(),
-                 std::string(static_cast<size_t>(width - filled), '.').c_str(), static_cast<int>(frac * 100),
-                 p.index, p.total, name.c_str());
+    if (name.size() > 40) name = "…" + name.substr(name.size() - 39);
+    std::fprintf(stderr, "\r[%s%s] %3d%% %zu/%zu %5.1fs ETA %5.1fs %-40s",
+                 std::string(static_cast<size_t>(filled), '#').c_str(),
+                 std::string(static_cast<size_t>(width - filled), '.').c_str(), static_cast<int>(frac * 100), p.index,
+                 p.total, p.seconds, p.index == p.total ? 0.0 : eta, name.c_str());
     if (p.index == p.total) std::fprintf(stderr, "\n");
     std::fflush(stderr);
   }
 
  private:
   std::chrono::steady_clock::time_point last_{};
+  std::pair<double, uint64_t> first_{0.0, 0};
 };
 
 }  // namespace

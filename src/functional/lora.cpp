@@ -27,7 +27,9 @@ torch::Tensor diff_weight(const LayerSpec& layer, const Weights& w, double scale
   } else {
     dw = torch::matmul(up, flat(down));
   }
-  return (dw * scale).reshape(layer.weight_shape()).to(like.scalar_type());
+  // in place: dw is a fresh product, and `dw * scale` would be one more ΔW-sized allocation and pass
+  // (same values bit for bit)
+  return dw.mul_(scale).reshape(layer.weight_shape()).to(like.scalar_type());
 }
 
 torch::Tensor bypass_diff(const torch::Tensor& x, const LayerSpec& layer, const Weights& w, double scale,

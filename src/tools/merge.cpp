@@ -1,6 +1,7 @@
 // `lycoris merge`: streaming, three-stage pipeline (see include/lycoris/tools/merge.hpp).
 #include "lycoris/tools/merge.hpp"
 
+#include <dlfcn.h>
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -18,9 +19,21 @@
 #include <thread>
 #include <unordered_map>
 
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <numeric>
+#include <typeinfo>
+
 #include "lycoris/adapter_file.hpp"
 #include "lycoris/error.hpp"
+#include "lycoris/functional/common.hpp"
+#include "lycoris/functional/lokr.hpp"
 #include "lycoris/io/safetensors.hpp"
+#include "lycoris/modules/dylora.hpp"
+#include "lycoris/modules/loha.hpp"
+#include "lycoris/modules/lokr.hpp"
+#include "lycoris/modules/lora.hpp"
 #include "lycoris/naming.hpp"
 #include "lycoris/version.hpp"
 
@@ -89,36 +102,6 @@ class BoundedQueue {
   bool closed_ = false, aborted_ = false;
 };
 
-// Bytes in flight between the reader and the writer: the reader waits while the budget is used up
-// (a single tensor larger than the budget is still admitted when nothing else is in flight).
-class ByteBudget {
- public:
-  explicit ByteBudget(uint64_t limit) : limit_(limit) {}
-  bool acquire(uint64_t n) {
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait(lock, [&] { return aborted_ || used_ == 0 || used_ + n <= limit_; });
-    if (aborted_) return false;
-    used_ += n;
-    return true;
-  }
-  void release(uint64_t n) {
-    std::lock_guard<std::mutex> lock(mu_);
-    used_ -= std::min(used_, n);
-    cv_.notify_all();
-  }
-  void abort() {
-    std::lock_guard<std::mutex> lock(mu_);
-    aborted_ = true;
-    cv_.notify_all();
-  }
-
- private:
-  uint64_t limit_, used_ = 0;
-  bool aborted_ = false;
-  std::mutex mu_;
-  std::condition_variable cv_;
-};
-
 // One adapter module applied to one base tensor.
 struct Step {
   const AdapterModule* module;
@@ -129,9 +112,36 @@ struct Step {
 
 struct Item {
   size_t index = 0;
-  torch::Tensor data;  // the base tensor as read (raw bytes as uint8 for F8 dtypes)
-  torch::Tensor out;   // converted / merged tensor to write; undefined → write `data`'s bytes as they are
-  uint64_t charge = 0;
+  int slot = -1;       // read buffer of the pool holding `data`
+  torch::Tensor data;  // the base tensor as read (raw bytes as uint8 for F8 dtypes), a view of the slot
+  torch::Tensor out;   // merged / converted tensor to write when it is not `data` itself; undefined → `data`
+};
+
+// The read buffers: `count` slots of `bytes` each, allocated on first use and recycled by the writer.
+// Fixed buffers instead of a fresh tensor per item keep the peak memory known and avoid the page faults
+// of fresh allocations (each slot is faulted in once).
+class SlotPool {
+ public:
+  SlotPool(size_t count, uint64_t bytes) : free_(count), bufs_(count), bytes_(bytes) {
+    for (size_t i = 0; i < count; ++i) free_.push(i);
+  }
+  // A free slot (blocks while all are in flight); -1 once aborted.
+  int acquire() {
+    size_t i = 0;
+    if (!free_.pop(i)) return -1;
+    if (!bufs_[i].defined()) bufs_[i] = torch::empty({static_cast<int64_t>(std::max<uint64_t>(bytes_, 1))}, torch::kUInt8);
+    return static_cast<int>(i);
+  }
+  void release(int i) {
+    if (i >= 0) free_.push(static_cast<size_t>(i));
+  }
+  void* data(int i) { return bufs_[static_cast<size_t>(i)].data_ptr(); }
+  void abort() { free_.abort(); }
+
+ private:
+  BoundedQueue<size_t> free_;
+  std::vector<torch::Tensor> bufs_;
+  uint64_t bytes_;
 };
 
 class Reader {
@@ -164,6 +174,206 @@ class Reader {
   int fd_ = -1;
 };
 
+// ---------------------------------------------------------------- in-place ΔW kernels
+//
+// W (as a 2-D (O, I·k) fp32/fp64 view) += m·ΔW for the rows [r0, r1), without materialising ΔW:
+//   LoRA    W[r0:r1] += (m·s) · up[r0:r1] · down                      (one addmm)
+//   LoHa    W[r0:r1] += (m·s) · (w1a[r0:r1]·w1b) ⊙ (w2a[r0:r1]·w2b)   (two small mm, one addcmul)
+//   LoKr    W viewed (a, p, c, q·k): W[u0:u1] += (m·s) · W1[u0:u1, None, :, None] · W2[None, :, None, :]
+// Same fp32 math as W + m·ΔW of apply_weight (only the order of the roundings inside one element differs,
+// within a few fp32 ulps); the caller rounds once to the output dtype. Rows come in multiples of `block`.
+struct RowKernel {
+  int64_t block = 1;
+  std::function<void(const torch::Tensor& W_rows, int64_t r0, int64_t r1)> add;
+};
+
+bool is_a(const AdapterImpl& a, const std::type_info& t) { return typeid(a) == t; }
+
+// The kernel of an additive low-rank module in eval mode without DoRA whose factors are already in W's
+// dtype and device (else nullopt: the caller uses apply_weight and gets the reference's rounding).
+std::optional<RowKernel> row_kernel(AdapterImpl& adapter, double m, const torch::TensorOptions& opts,
+                                    torch::IntArrayRef shape) {
+  auto* lr = dynamic_cast<LowRankAdapter*>(&adapter);
+  if (!lr || lr->is_training() || lr->dora_scale.defined() || shape.size() < 2) return std::nullopt;
+  auto fits = [&](std::initializer_list<torch::Tensor> ts) {
+    for (const auto& t : ts)
+      if (t.defined() && (t.dtype() != opts.dtype() || t.device() != opts.device())) return false;
+    return true;
+  };
+  const double c = m * lr->scale();
+  const int64_t O = shape[0], numel = c10::multiply_integers(shape);
+  if (is_a(adapter, typeid(LoRAImpl))) {
+    auto& a = static_cast<LoRAImpl&>(adapter);
+    if (a.lora_mid.defined() || !fits({a.lora_up, a.lora_down})) return std::nullopt;
+    auto up = functional::flat(a.lora_up * a.scalar), down = functional::flat(a.lora_down).contiguous();
+    torch::Tensor sparse;  // sparse-bias residual of extracted files: ΔW += dense (unscaled)
+    for (const auto& b : a.named_buffers(false))
+      if (b.key() == "sparse_bias") sparse = functional::flat(b.value()).to(opts);
+    return RowKernel{1, [=](const torch::Tensor& Wr, int64_t r0, int64_t r1) {
+                       Wr.addmm_(up.narrow(0, r0, r1 - r0), down, 1.0, c);
+                       if (sparse.defined()) Wr.add_(sparse.narrow(0, r0, r1 - r0), m);
+                     }};
+  }
+  if (is_a(adapter, typeid(LoHaImpl))) {
+    auto& a = static_cast<LoHaImpl&>(adapter);
+    if (a.hada_t1.defined() || !fits({a.hada_w1_a, a.hada_w1_b, a.hada_w2_a, a.hada_w2_b})) return std::nullopt;
+    auto w1a = a.hada_w1_a * a.scalar, w1b = a.hada_w1_b.contiguous(), w2a = a.hada_w2_a.contiguous(),
+         w2b = a.hada_w2_b.contiguous();
+    return RowKernel{1, [=](const torch::Tensor& Wr, int64_t r0, int64_t r1) {
+                       const int64_t n = r1 - r0;
+                       Wr.addcmul_(torch::mm(w1a.narrow(0, r0, n), w1b), torch::mm(w2a.narrow(0, r0, n), w2b), c);
+                     }};
+  }
+  if (is_a(adapter, typeid(LoKrImpl))) {
+    auto& a = static_cast<LoKrImpl&>(adapter);
+    functional::lokr::Weights w{a.lokr_w1, a.lokr_w1_a, a.lokr_w1_b, a.lokr_w2, a.lokr_w2_a, a.lokr_w2_b, a.lokr_t2};
+    if (!fits({w.w1, w.w1a, w.w1b, w.w2, w.w2a, w.w2b, w.t2})) return std::nullopt;
+    auto& first = w.w1.defined() ? w.w1 : w.w1a;  // the scalar multiplies W1 (as LoKrImpl does)
+    first = first * a.scalar;
+    auto W1 = functional::lokr::w1(w), W2 = functional::lokr::w2(lr->layer(), w);
+    const int64_t A = W1.size(0), C = W1.size(1), P = W2.size(0);
+    if (A * P != O || numel % (O * C) != 0) return std::nullopt;
+    const int64_t QK = numel / (O * C);
+    auto w2v = W2.reshape({1, P, 1, QK}).contiguous();
+    return RowKernel{P, [=](const torch::Tensor& Wr, int64_t r0, int64_t r1) {
+                       const int64_t u0 = r0 / P, nu = (r1 - r0) / P;
+                       Wr.view({nu, P, C, QK}).addcmul_(W1.narrow(0, u0, nu).reshape({nu, 1, C, 1}), w2v, c);
+                     }};
+  }
+  return std::nullopt;
+}
+
+// W ← apply_weight(W, m) (or apply_bias) in place on the whole tensor.
+void apply_whole(torch::Tensor& W, AdapterImpl& adapter, double m, bool bias) {
+  if (bias) {
+    W.copy_(adapter.apply_bias(W, m));
+    return;
+  }
+  if (auto k = row_kernel(adapter, m, W.options(), W.sizes())) {
+    k->add(W.view({W.size(0), -1}), 0, W.size(0));
+    return;
+  }
+  // additive low-rank modules the kernels do not cover (Tucker, DyLoRA, factors in another dtype):
+  // W += m·ΔW in place, ΔW as the module builds it
+  auto* lr = dynamic_cast<LowRankAdapter*>(&adapter);
+  const bool additive = lr && !lr->is_training() && !lr->dora_scale.defined() &&
+                        (is_a(adapter, typeid(LoRAImpl)) || is_a(adapter, typeid(LoHaImpl)) ||
+                         is_a(adapter, typeid(LoKrImpl)) || is_a(adapter, typeid(DyLoRAImpl)));
+  if (additive) {
+    auto dw = lr->diff_weight();
+    if (functional::compute_dtype(dw) == W.scalar_type()) {
+      W.add_(dw.reshape(W.sizes()).to(W.device(), W.scalar_type()), m);
+      return;
+    }
+  }
+  W.copy_(adapter.apply_weight(W, m));
+}
+
+bool all_finite(const torch::Tensor& t) {
+  // a finite sum means every element is finite (NaN/Inf propagate); only if it is not, look closer
+  // (the sum itself may overflow)
+  if (std::isfinite(t.sum().item<double>())) return true;
+  return torch::isfinite(t).all().item<bool>();
+}
+
+constexpr int64_t kChunkElements = 1 << 16;  // rows per chunk ≈ 256 KB of fp32: W, P1, P2 stay in cache
+
+}  // namespace
+
+bool merge_tensor(const torch::Tensor& x, const torch::Tensor& out, const std::vector<MergeStep>& steps,
+                  torch::Device device) {
+  const auto compute = x.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
+  const bool cpu = device.is_cpu() && x.device().is_cpu() && out.device().is_cpu();
+  // Row-chunked path (CPU, ≥ 2-D, every step a row kernel): each chunk of rows is converted to fp32,
+  // gets every ΔW added, is checked and rounded into `out` while it is in cache; chunks run in parallel.
+  std::vector<RowKernel> kernels;
+  if (cpu && x.dim() >= 2 && x.numel() > 0 && out.is_contiguous() && x.is_contiguous()) {
+    for (const auto& s : steps) {
+      if (s.bias) break;
+      auto k = row_kernel(*s.adapter, s.m, x.options().dtype(compute), x.sizes());
+      if (!k) break;
+      kernels.push_back(std::move(*k));
+    }
+    if (kernels.size() != steps.size()) kernels.clear();
+  }
+  if (!kernels.empty()) {
+    const int64_t O = x.size(0), cols = x.numel() / O;
+    int64_t block = 1;
+    for (const auto& k : kernels) block = std::lcm(block, k.block);
+    if (O % block == 0) {
+      const int64_t rows = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(cols, 1) / block) * block;
+      const int64_t chunks = (O + rows - 1) / rows;
+      auto x2 = x.view({O, cols}), o2 = out.view({O, cols});
+      std::atomic<bool> finite{true};
+      std::atomic<int64_t> next{0};
+      // Our own workers taking chunks from a counter, each running torch single-threaded: no OpenMP
+      // barrier per tensor, so a worker the OS preempts (2 cores shared with the reader, the writer
+      // and other processes) delays the tensor by one chunk, not by a time slice of spinning.
+      const int threads = std::max(1, at::get_num_threads());
+      auto work = [&] {
+        at::set_num_threads(1);
+        for (int64_t c; (c = next++) < chunks;) {
+          const int64_t r0 = c * rows, r1 = std::min(O, r0 + rows);
+          auto W = x2.narrow(0, r0, r1 - r0).to(compute, /*non_blocking=*/false, /*copy=*/true);
+          for (const auto& k : kernels) k.add(W, r0, r1);
+          if (!all_finite(W)) finite = false;
+          o2.narrow(0, r0, r1 - r0).copy_(W);
+        }
+      };
+      std::vector<std::thread> workers;
+      std::exception_ptr error;
+      std::mutex error_mu;
+      auto guarded = [&] {
+        try {
+          torch::NoGradGuard no_grad;
+          work();
+        } catch (...) {
+          std::lock_guard<std::mutex> lock(error_mu);
+          if (!error) error = std::current_exception();
+          next = chunks;
+        }
+      };
+      for (int i = 1; i < std::min<int64_t>(threads, chunks); ++i) workers.emplace_back(guarded);
+      guarded();
+      for (auto& w : workers) w.join();
+      at::set_num_threads(threads);  // this thread's setting (and torch's default for new threads) back
+      if (error) std::rethrow_exception(error);
+      return finite;
+    }
+  }
+  auto W = x.to(device, compute, /*non_blocking=*/false, /*copy=*/true);
+  for (const auto& s : steps) apply_whole(W, *s.adapter, s.m, s.bias);
+  const bool finite = all_finite(W);
+  out.copy_(W);
+  return finite;
+}
+
+namespace {
+
+// OpenBLAS (the pthreads build torch links here) runs every sgemm on its own thread pool, whose idle
+// threads spin in sched_yield against ours (measured: a third of a merge's CPU time in the kernel). The
+// products of a merge are small (rank 16) and the parallelism comes from the row chunks: one BLAS thread
+// while merging, the previous setting restored afterwards. A no-op with another BLAS.
+class SingleThreadedBlas {
+ public:
+  SingleThreadedBlas() {
+    set_ = reinterpret_cast<void (*)(int)>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"));
+    auto get = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
+    if (!set_ || !get) return;
+    previous_ = get();
+    set_(1);
+  }
+  ~SingleThreadedBlas() {
+    if (set_ && previous_ > 0) set_(previous_);
+  }
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+
+ private:
+  void (*set_)(int) = nullptr;
+  int previous_ = 0;
+};
+
 std::string dtype_label(const std::optional<torch::ScalarType>& dtype) {
   return dtype ? io::dtype_name(io::from_torch(*dtype)) : "keep";
 }
@@ -193,6 +403,7 @@ MergeReport merge(const std::string& base_path, const std::string& output, const
     if (options.on_warning) options.on_warning(w);
   };
   if (options.threads > 0) at::set_num_threads(options.threads);
+  SingleThreadedBlas blas;
 
   auto base = io::SafetensorsFile::open(base_path);
   const auto& header = base.header();
@@ -268,9 +479,13 @@ MergeReport merge(const std::string& base_path, const std::string& output, const
   }
   io::SafetensorsWriter writer(output, decls, metadata);
 
-  // ---- the pipeline
-  BoundedQueue<Item> read_q(2), done_q(2);
-  ByteBudget budget(options.max_bytes_in_flight);
+  // ---- the pipeline: read slots (at least three, so that reading, computing and writing overlap)
+  uint64_t max_bytes = 0;
+  for (const auto& t : header.tensors) max_bytes = std::max<uint64_t>(max_bytes, t.nbytes());
+  const size_t slots = static_cast<size_t>(
+      std::clamp<uint64_t>(options.max_bytes_in_flight / std::max<uint64_t>(max_bytes, 1), 3, 64));
+  SlotPool pool(slots, max_bytes);
+  BoundedQueue<Item> read_q(slots), done_q(slots);
   std::mutex error_mu;
   std::exception_ptr error;
   auto fail = [&](std::exception_ptr e) {
@@ -280,7 +495,7 @@ MergeReport merge(const std::string& base_path, const std::string& output, const
     }
     read_q.abort();
     done_q.abort();
-    budget.abort();
+    pool.abort();
   };
   Reader reader(base_path);
 
@@ -290,14 +505,14 @@ MergeReport merge(const std::string& base_path, const std::string& output, const
         const auto& t = header.tensors[i];
         Item item;
         item.index = i;
-        item.charge = t.nbytes();
-        if (!budget.acquire(item.charge)) return;
-        if (has_torch_dtype(t.dtype))
-          item.data = torch::empty(t.shape, torch::TensorOptions().dtype(io::to_torch(t.dtype)));
-        else
-          item.data = torch::empty({static_cast<int64_t>(t.nbytes())}, torch::kUInt8);
+        item.slot = pool.acquire();
+        if (item.slot < 0) return;
         const auto r0 = Clock::now();
-        if (t.nbytes() > 0) reader.read(header.data_start + t.begin, item.data.data_ptr(), t.nbytes());
+        if (has_torch_dtype(t.dtype))
+          item.data = torch::from_blob(pool.data(item.slot), t.shape, torch::TensorOptions().dtype(io::to_torch(t.dtype)));
+        else
+          item.data = torch::from_blob(pool.data(item.slot), {static_cast<int64_t>(t.nbytes())}, torch::kUInt8);
+        if (t.nbytes() > 0) reader.read(header.data_start + t.begin, pool.data(item.slot), t.nbytes());
         report.read_seconds += seconds_since(r0);
         if (!read_q.push(std::move(item))) return;
       }
@@ -309,6 +524,8 @@ MergeReport merge(const std::string& base_path, const std::string& output, const
 
   std::thread compute_thread([&] {
     try {
+      // intra-op threads are a per-thread setting with OpenMP: set them for this thread
+      if (options.threads > 0) at::set_num_threads(options.threads);
       torch::NoGradGuard no_grad;
       Item item;
       while (read_q.pop(item)) {
@@ -319,13 +536,14 @@ MergeReport merge(const std::string& base_path, const std::string& output, const
         if (steps != plan.end()) {
           // F8 bytes are decoded (exactly) by the file reader; everything else is the tensor we read
           torch::Tensor x = has_torch_dtype(t.dtype) ? item.data : base.tensor(t.name);
-          const auto compute = x.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
-          auto W = x.to(options.device, compute);
-          for (const auto& s : steps->second)
-            W = s.bias ? s.module->adapter->apply_bias(W, s.weight) : s.module->adapter->apply_weight(W, s.weight);
-          if (!torch::isfinite(W).all().item<bool>()) {
+          // same dtype: the result overwrites the read buffer (chunk by chunk), nothing else is allocated
+          torch::Tensor out = out_dtype == t.dtype ? x : torch::empty(t.shape, torch::TensorOptions().dtype(io::to_torch(out_dtype)));
+          std::vector<MergeStep> ms;
+          for (const auto& s : steps->second) ms.push_back({s.module->adapter.get(), s.weight, s.bias});
+          if (!merge_tensor(x, out, ms, options.device)) {
             // name the culprit: the base tensor itself, or the first step that produced NaN/Inf
-            auto V = x.to(options.device, compute);
+            const auto compute = t.dtype == io::DType::F64 ? torch::kFloat64 : torch::kFloat32;
+            auto V = (has_torch_dtype(t.dtype) ? base.tensor(t.name) : x).to(options.device, compute);
             std::string who = "the base tensor itself";
             if (torch::isfinite(V).all().item<bool>())
               for (const auto& s : steps->second) {
@@ -337,14 +555,15 @@ MergeReport merge(const std::string& base_path, const std::string& output, const
               }
             throw Error(t.name + ": merged tensor has NaN/Inf values, from " + who);
           }
-          item.out = W.to(torch::kCPU, io::to_torch(out_dtype)).contiguous();
-          item.data = torch::Tensor();
+          if (!out.is_same(x)) item.out = out;
         } else if (out_dtype != t.dtype) {
           torch::Tensor x = has_torch_dtype(t.dtype) ? item.data : base.tensor(t.name);
           item.out = x.to(io::to_torch(out_dtype)).contiguous();
-          item.data = torch::Tensor();
         }
         report.compute_seconds += seconds_since(c0);
+        if (std::getenv("LYCORIS_MERGE_TRACE"))
+          std::fprintf(stderr, "%8.1f ms %s %s\n", seconds_since(c0) * 1e3, t.name.c_str(),
+                       c10::str(t.shape).c_str());
         if (!done_q.push(std::move(item))) return;
       }
       done_q.close();
@@ -364,12 +583,12 @@ MergeReport merge(const std::string& base_path, const std::string& output, const
         writer.write(t.name, item.out);
         report.bytes_written += static_cast<uint64_t>(item.out.nbytes());
       } else {
-        writer.write_bytes(t.name, item.data.data_ptr(), t.nbytes());
+        writer.write_bytes(t.name, pool.data(item.slot), t.nbytes());
         report.bytes_written += t.nbytes();
       }
+      pool.release(item.slot);
       item = Item();  // free before asking for more
       report.write_seconds += seconds_since(w0);
-      budget.release(t.nbytes());
       bytes_done += t.nbytes();
       ++report.tensors;
       if (modified) ++report.modified;
@@ -381,6 +600,7 @@ MergeReport merge(const std::string& base_path, const std::string& output, const
         p.modified = modified;
         p.bytes_done = bytes_done;
         p.bytes_total = bytes_total;
+        p.seconds = seconds_since(t0);
         options.on_progress(p);
       }
     }

@@ -1,13 +1,15 @@
 // Merging adapters into a base checkpoint (`lycoris merge`, TOOLS.md §1 and §5, issues 3 and 6).
 //
 // Streaming pipeline, three stages overlapped by two small bounded queues:
-//   reader  (pread of one base tensor at a time, in file order)
+//   reader  (pread of one base tensor at a time, in file order, into a fixed pool of read buffers)
 //   compute (only for tensors an adapter touches: W' = … apply_weight(apply_weight(W, m1), m2) … in fp32,
-//            NaN/Inf check, one cast to the output dtype)
+//            NaN/Inf check, one rounding to the output dtype — see merge_tensor)
 //   writer  (SafetensorsWriter: streaming, atomic — the output appears only after the last byte)
 // Untouched tensors go from reader to writer as raw bytes (converted only when the output dtype differs).
-// Peak memory ≈ the adapters + the tensors in flight (bounded by max_bytes_in_flight, at least one tensor)
-// + one tensor's fp32 temporaries; never the whole checkpoint.
+// Peak memory ≈ the adapters + the read buffers (max(3, max_bytes_in_flight / largest tensor) of the
+// largest tensor's size) + a few 256 KB chunks per thread; never the whole checkpoint, never an fp32 copy
+// of a whole tensor for LoRA/LoHa/LoKr (other algorithms: one tensor's fp32 temporaries).
+// LYCORIS_MERGE_TRACE=1 in the environment prints each tensor's compute time to stderr.
 #pragma once
 #include <torch/types.h>
 
@@ -18,6 +20,10 @@
 #include <vector>
 
 #include "lycoris/naming.hpp"
+
+namespace lycoris {
+class AdapterImpl;
+}
 
 namespace lycoris::tools {
 
@@ -32,6 +38,7 @@ struct MergeProgress {
   const std::string* key = nullptr;  // the tensor just written
   bool modified = false;
   uint64_t bytes_done = 0, bytes_total = 0;  // base data bytes
+  double seconds = 0;                         // since merge() started (adapter loading included)
 };
 
 struct MergeOptions {
@@ -43,7 +50,8 @@ struct MergeOptions {
   // Layout of the base checkpoint's keys (naming dialects, naming.hpp); Auto detects it from the keys.
   naming::BaseFormat base_format = naming::BaseFormat::Auto;
   int threads = 0;                     // torch intra-op threads (at::set_num_threads); 0 = leave as is
-  uint64_t max_bytes_in_flight = 256ull << 20;  // read-ahead budget of the pipeline
+  // Read-ahead budget of the pipeline: max(3, budget / largest tensor) read buffers of the largest size.
+  uint64_t max_bytes_in_flight = 256ull << 20;
   std::function<void(const std::string&)> on_warning;       // default: collected in the report only
   std::function<void(const MergeProgress&)> on_progress;    // called by the writing thread per tensor
 };
@@ -62,6 +70,25 @@ struct MergeReport {
 // (KeyError/ShapeError for adapters that do not fit, FormatError/IOError for files, Error naming the
 // module for NaN/Inf) — in that case `output` is left untouched.
 MergeReport merge(const std::string& base, const std::string& output, const MergeOptions& options);
+
+// One adapter module applied to a tensor at multiplier m (bias: apply_bias instead of apply_weight).
+struct MergeStep {
+  AdapterImpl* adapter;
+  double m = 1.0;
+  bool bias = false;
+};
+
+// The compute stage of merge for one tensor: out ← round(… apply_weight(apply_weight(x, m1), m2) …) with
+// the math in fp32 (fp64 for fp64 x) and one rounding to out's dtype. `out` has x's shape, any float
+// dtype, and may be x itself. On CPU, when every step is LoRA / LoHa / LoKr (eval, no DoRA, no Tucker),
+// ΔW is never materialised: chunks of rows are converted, get m·ΔW added in place (addmm / addcmul from
+// the factors) and are rounded into `out` while in cache, in parallel over torch's intra-op threads. The
+// result equals apply_weight's up to the order of fp32 roundings inside an element. Otherwise x is copied
+// to `device` in fp32 once and every step is applied to it in place (W += m·ΔW for additive low-rank
+// modules, W ← apply_weight(W, m) for the others). Returns false when the result has NaN/Inf
+// (`out` is written anyway).
+bool merge_tensor(const torch::Tensor& x, const torch::Tensor& out, const std::vector<MergeStep>& steps,
+                  torch::Device device = torch::kCPU);
 
 // The JSON recorded under the output metadata key "lycoris_merge" (exposed for tests).
 std::string merge_record(const std::vector<MergeInput>& adapters, const std::optional<torch::ScalarType>& dtype,
