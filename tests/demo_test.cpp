@@ -80,7 +80,7 @@ TEST(DemoReduced, EveryAlgorithmAdaptsAndMergesExactly) {
   if (!f) GTEST_SKIP() << skip;
   torch::set_num_threads(1);
   demo::AdaptConfig cfg;
-  cfg.steps = 60;
+  cfg.steps = 100;
   cfg.batch = 64;
   cfg.diff_samples = 128;
   const auto specs = demo::algo_specs();
@@ -89,7 +89,7 @@ TEST(DemoReduced, EveryAlgorithmAdaptsAndMergesExactly) {
     SCOPED_TRACE(spec.label);
     const auto r = demo::adapt(spec, f->model, f->base_path, f->data, cfg, f->out, false);
     // new classes: chance 0.1 (10-way) / 0.2 (among the new ones); the base model scores 0 on them.
-    EXPECT_GT(r.new_acc, 0.4) << spec.label;
+    EXPECT_GT(r.new_acc, 0.35) << spec.label;
     EXPECT_NEAR(r.new_acc_merged, r.new_acc, 0.01) << spec.label;
     EXPECT_LT(r.max_diff, 1e-3) << spec.label << ": merged vs unmerged logits";
     EXPECT_TRUE(std::isfinite(r.old_acc) && r.old_acc >= 0 && r.old_acc <= 1) << spec.label;

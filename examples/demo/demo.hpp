@@ -146,7 +146,7 @@ std::vector<AlgoSpec> algo_specs();
 std::vector<AlgoSpec> select_algos(const std::string& list);
 
 struct AdaptConfig {
-  int64_t steps = 300, batch = 128;
+  int64_t steps = 250, batch = 128;
   uint64_t seed = 1;
   int64_t diff_samples = 512;  // test images compared between merged and unmerged model
 };

@@ -27,7 +27,7 @@ int main(int argc, char** argv) {
   app.add_flag("--retrain", retrain, "Pretrain the base model again even if <out>/base.safetensors exists");
   app.add_option("--threads", threads, "torch intra-op threads")->capture_default_str()->check(CLI::Range(1, 256));
   app.add_option("--data", data_dir, "Fashion-MNIST directory (gzip IDX files)")->capture_default_str();
-  app.add_option("--steps", steps, "Adapter training steps per algorithm (default 300, --quick 80)");
+  app.add_option("--steps", steps, "Adapter training steps per algorithm (default 250, --quick 80)");
   CLI11_PARSE(app, argc, argv);
 
   try {
@@ -40,7 +40,7 @@ int main(int argc, char** argv) {
     demo::PretrainConfig pre;
     pre.steps = quick ? 300 : 1000;
     demo::AdaptConfig adapt;
-    adapt.steps = steps > 0 ? steps : (quick ? 80 : 300);
+    adapt.steps = steps > 0 ? steps : (quick ? 80 : 250);
     const int64_t max_test = quick ? 1000 : 0;
 
     std::fprintf(stderr, "loading Fashion-MNIST from %s\n", data_dir.c_str());
