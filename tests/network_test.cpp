@@ -269,6 +269,86 @@ TEST(NetworkStack, TwoNetworksStackAdditivelyAndComeOffInAnyOrder) {
   EXPECT_TRUE(model->fc1->weight.is_same(model->named_parameters()["head.fc1.weight"]));
 }
 
+// Bypass networks stack on drop-in layers like rebuild networks on torch layers: y = org(x) + Σ δ_i(x).
+TEST(NetworkStack, BypassStackEqualsRebuildStack) {
+  torch::manual_seed(8);
+  auto plain = std::make_shared<Plain>();
+  auto dropin = std::make_shared<DropIn>();
+  load_snapshot(*dropin, snapshot(*plain));
+  const auto x = input();
+  torch::NoGradGuard no_grad;
+  auto mk = [](std::shared_ptr<torch::nn::Module> m, const std::string& algo, bool bypass, double mult) {
+    return lycoris::create_lycoris(std::move(m), mult, 4, 2.0,
+                                   lycoris::NetworkOptions().module(lycoris::AdapterOptions().algo(algo).bypass_mode(bypass)));
+  };
+  auto r1 = mk(plain, "lora", false, 1.0), r2 = mk(plain, "loha", false, 0.6);
+  auto b1 = mk(dropin, "lora", true, 1.0), b2 = mk(dropin, "loha", true, 0.6);
+  perturb(*r1);
+  perturb(*r2);
+  for (auto [src, dst] : {std::pair{r1, b1}, std::pair{r2, b2}}) {
+    auto sp = src->named_parameters();
+    for (auto& p : dst->named_parameters()) p.value().copy_(sp[p.key()]);
+  }
+  r1->apply_to();
+  r2->apply_to();
+  b1->apply_to();
+  b2->apply_to();
+  EXPECT_TRUE(b1->warnings().empty());
+  EXPECT_TRUE(all_close(dropin->forward(x), plain->forward(x), 1e-5, 1e-4, "bypass stack vs rebuild stack"));
+  b1->restore();
+  r1->restore();
+  EXPECT_TRUE(all_close(dropin->forward(x), plain->forward(x), 1e-5, 1e-4, "one left"));
+  b2->set_multiplier(-0.3);
+  r2->set_multiplier(-0.3);
+  EXPECT_TRUE(all_close(dropin->forward(x), plain->forward(x), 1e-5, 1e-4, "multiplier read at every forward"));
+  b2->restore();
+  r2->restore();
+  EXPECT_TRUE(torch::equal(dropin->forward(x), plain->forward(x)));
+}
+
+// Drop-in Conv1d/Conv3d (stride, padding, dilation) in bypass == torch layers in rebuild.
+TEST(NetworkBypass, Conv1dConv3dDropIns) {
+  torch::manual_seed(9);
+  auto build = [](bool dropin) {
+    auto m = std::make_shared<torch::nn::Module>();
+    auto o1 = torch::nn::Conv1dOptions(3, 6, 3).stride(2).padding(2).dilation(2);
+    auto o3 = torch::nn::Conv3dOptions(3, 4, 3).padding(1);
+    if (dropin) {
+      m->register_module("c1", lycoris::nn::Conv1d(o1));
+      m->register_module("c3", lycoris::nn::Conv3d(o3));
+    } else {
+      m->register_module("c1", torch::nn::Conv1d(o1));
+      m->register_module("c3", torch::nn::Conv3d(o3));
+    }
+    return m;
+  };
+  auto a = build(false), b = build(true);
+  load_snapshot(*b, snapshot(*a));
+  torch::NoGradGuard no_grad;
+  auto ra = lycoris::create_lycoris(a, 1.0, 2, 1.0, lycoris::NetworkOptions().module(lycoris::AdapterOptions().algo("lora")));
+  auto rb = lycoris::create_lycoris(b, 1.0, 2, 1.0,
+                                    lycoris::NetworkOptions().module(lycoris::AdapterOptions().algo("lora").bypass_mode(true)));
+  perturb(*ra, 0.2);
+  auto sp = ra->named_parameters();
+  for (auto& p : rb->named_parameters()) p.value().copy_(sp[p.key()]);
+  ra->apply_to();
+  rb->apply_to();
+  const auto x1 = torch::randn({2, 3, 9}), x3 = torch::randn({2, 3, 4, 4, 4});
+  auto fwd1 = [&](torch::nn::Module& m, const torch::Tensor& x) {
+    auto c = m.named_children()["c1"];
+    if (auto* d = dynamic_cast<lycoris::nn::Conv1dImpl*>(c.get())) return d->forward(x);
+    return dynamic_cast<torch::nn::Conv1dImpl*>(c.get())->forward(x);
+  };
+  auto fwd3 = [&](torch::nn::Module& m, const torch::Tensor& x) {
+    auto c = m.named_children()["c3"];
+    if (auto* d = dynamic_cast<lycoris::nn::Conv3dImpl*>(c.get())) return d->forward(x);
+    return dynamic_cast<torch::nn::Conv3dImpl*>(c.get())->forward(x);
+  };
+  EXPECT_TRUE(all_close(fwd1(*b, x1), fwd1(*a, x1), 1e-5, 1e-4, "Conv1d"));
+  EXPECT_TRUE(all_close(fwd3(*b, x3), fwd3(*a, x3), 1e-5, 1e-4, "Conv3d"));
+  EXPECT_TRUE(rb->warnings().empty());
+}
+
 // Two networks with different presets on one model: each keeps its own targets.
 TEST(NetworkStack, DifferentPresetsCoexist) {
   torch::manual_seed(4);
