@@ -3,11 +3,11 @@
 #pragma once
 #include <torch/nn/pimpl.h>
 
-#include "lycoris/adapter.hpp"
+#include "lycoris/modules/oft.hpp"
 
 namespace lycoris {
 
-class BOFTImpl : public AdapterImpl {
+class BOFTImpl : public OFTAdapter {
  public:
   // Fresh adapter: (S, N) = power2factorization(O, rank), OptionError when none exists (QUIRKS Q22);
   // blocks 0 (M, N, S, S), rescale 1 when options.rescaled(), constraint options.constraint().
@@ -20,17 +20,6 @@ class BOFTImpl : public AdapterImpl {
   // op(x, W) through the butterfly on its channel axis, rescaled, + b (the bias is not rotated).
   torch::Tensor bypass_forward(const torch::Tensor& x, const torch::Tensor& W, const torch::Tensor& b,
                                double m) override;
-  NamedTensors file_tensors() const override;  // oft_blocks, rescale?, alpha
-  int64_t rank() const override { return oft_blocks.size(-1); }  // block size S
-  double alpha() const override { return constraint_; }
-  double constraint() const { return constraint_; }
-
-  torch::Tensor oft_blocks, rescale;
-
- private:
-  double constraint_;
-  torch::Tensor alpha_tensor_;  // as stored (dtype and shape), on the CPU, for file_tensors; not a buffer, so
-                                // Module::to(dtype) cannot turn an int64 alpha into a float
 };
 TORCH_MODULE(BOFT);
 
