@@ -30,7 +30,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 BASE=$DATA/sd15_unet.safetensors
-[ -f "$BASE" ] && [ -f "$DATA/empty.safetensors" ] || "$BUILD/bench/gen_sd15" --out "$DATA"
+[ -f "$BASE" ] || "$BUILD/bench/gen_sd15" --out "$DATA"
 OUT=$TMP/merge_bench_out.$$.safetensors
 LOG=$TMP/merge_bench_log.$$
 trap 'rm -f "$OUT" "$LOG" "$LOG.time"' EXIT
@@ -59,7 +59,7 @@ for cache in $caches; do
   for _ in $(seq "$RUNS"); do
     run cp "$cache" cp "$BASE" "$OUT"
     run cp+sync "$cache" sh -c 'cp "$1" "$2" && sync "$2"' sh "$BASE" "$OUT"
-    run ours "$cache" "$BUILD/lycoris" merge "$BASE" "$DATA/empty.safetensors" -o "$OUT" --threads "$THREADS"
+    [ -f "$DATA/empty.safetensors" ] && run ours "$cache" "$BUILD/lycoris" merge "$BASE" "$DATA/empty.safetensors" -o "$OUT" --threads "$THREADS"
     for a in $ALGOS; do
       run "$a" "$cache" "$BUILD/lycoris" merge "$BASE" "$DATA/${a}_r16.safetensors" -o "$OUT" --threads "$THREADS"
     done
