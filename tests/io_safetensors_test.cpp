@@ -309,6 +309,61 @@ TEST(IoSafetensors, WriterDiskErrorLeavesNoTrace) {
   EXPECT_EQ(files_in(dir), 1u);
 }
 
+// Files of 64 MiB and more go through the O_DIRECT staging path (aligned buffers, background pwrite,
+// padded tail cut back by ftruncate): byte-exact content and size, odd tensor sizes straddling the
+// staging buffers; on tmpfs (no O_DIRECT) the buffered fallback gives the same bytes.
+TEST(IoSafetensors, WriterLargeFileByteExact) {
+  std::vector<std::string> dirs = {lycoris::test::temp_dir("io-large")};
+  if (fs::is_directory("/dev/shm")) {
+    auto shm = "/dev/shm/lycoris-io-large-" + std::to_string(getpid());
+    fs::create_directories(shm);
+    dirs.push_back(shm);
+  }
+  torch::manual_seed(7);
+  std::vector<std::pair<std::string, torch::Tensor>> tensors = {
+      {"a", torch::randint(0, 256, {12345}, torch::kUInt8)},
+      {"b", torch::randn({(33 << 20) / 2 + 3}).to(torch::kFloat16)},  // crosses the first 32 MiB buffer
+      {"c", torch::randn({9 << 20})},                                   // 36 MiB: crosses another
+      {"d", torch::randint(0, 256, {4097}, torch::kUInt8)}};          // odd tail
+  for (const auto& dir : dirs) {
+    auto path = dir + "/large.safetensors";
+    save_file(path, tensors, {{"k", "v"}});
+    auto f = SafetensorsFile::open(path);
+    uint64_t data = 0;
+    for (const auto& kv : tensors) {
+      EXPECT_TRUE(torch::equal(f.tensor(kv.first), kv.second)) << dir << " " << kv.first;
+      data += static_cast<uint64_t>(kv.second.nbytes());
+    }
+    EXPECT_EQ(f.file_size(), f.header().data_start + data) << dir;
+    EXPECT_EQ(fs::file_size(path), f.file_size()) << dir;
+    EXPECT_EQ(files_in(dir), 1u) << dir;
+  }
+  if (dirs.size() > 1) fs::remove_all(dirs[1]);
+}
+
+// A write failure in the background pwrite of the direct path surfaces as the same IOError.
+TEST(IoSafetensors, WriterLargeFileDiskErrorLeavesNoTrace) {
+  auto dir = lycoris::test::temp_dir("io-large-efbig");
+  auto path = dir + "/model.safetensors";
+  auto old_handler = signal(SIGXFSZ, SIG_IGN);
+  struct rlimit old_limit {};
+  getrlimit(RLIMIT_FSIZE, &old_limit);
+  struct rlimit limit = old_limit;
+  limit.rlim_cur = 40ull << 20;
+  ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &limit), 0);
+  std::string message;
+  try {
+    save_file(path, {{"big", torch::zeros({20 << 20})}});  // 80 MiB
+  } catch (const IOError& e) {
+    message = e.what();
+  }
+  setrlimit(RLIMIT_FSIZE, &old_limit);
+  signal(SIGXFSZ, old_handler);
+  EXPECT_NE(message.find(path + ": "), std::string::npos) << message;
+  EXPECT_FALSE(fs::exists(path));
+  EXPECT_EQ(files_in(dir), 0u);
+}
+
 TEST(IoSafetensors, WriterRejectsBadDeclarations) {
   auto dir = lycoris::test::temp_dir("io-decl");
   EXPECT_THROW(SafetensorsWriter(dir + "/a.safetensors", {{"a", DType::F32, {1}}, {"a", DType::F32, {1}}}),

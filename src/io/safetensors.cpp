@@ -8,7 +8,9 @@
 
 #include <atomic>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
+#include <future>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -174,11 +176,29 @@ struct SafetensorsWriter::State {
   size_t next = 0;
   bool committed = false, failed = false;
 
+  // Large files are written with O_DIRECT through two aligned staging buffers: the caller fills one
+  // while the other is written by a background pwrite. Buffered writes of a checkpoint cost as much CPU
+  // as the copy into the page cache plus its later writeback (on this 2-core VM: 2–3.5 s of system time
+  // for 1.6 GB, against 0.2 s direct), CPU that a merge needs for its arithmetic; and the page cache is
+  // not polluted with a file nobody reads back soon. Filesystems without O_DIRECT (tmpfs, some FUSE)
+  // fall back to buffered writes, at open or at the first EINVAL.
+  static constexpr uint64_t kAlign = 4096;           // logical block size we align to (≥ 512, ≥ 4096 pages)
+  static constexpr uint64_t kStage = 32ull << 20;    // bytes per staging buffer
+  static constexpr uint64_t kDirectMin = 64ull << 20;  // files smaller than this stay buffered
+  bool direct = false;
+  uint64_t total = 0;                  // final file size
+  std::unique_ptr<uint8_t, void (*)(void*)> stage[2] = {{nullptr, std::free}, {nullptr, std::free}};
+  int cur = 0;                         // buffer being filled
+  uint64_t fill = 0;                   // bytes in stage[cur]
+  uint64_t file_off = 0;               // file offset of stage[cur][0]
+  std::future<int> inflight;           // errno of the background pwrite (0 = ok)
+
   [[noreturn]] void io_fail(const std::string& what) {
     failed = true;
     throw IOError(path + ": " + what + " (temporary file " + tmp + "): " + errno_text());
   }
   void write_all(const void* data, uint64_t n) {
+    if (direct) return stage_bytes(static_cast<const uint8_t*>(data), n);
     const char* p = static_cast<const char*>(data);
     while (n > 0) {
       ssize_t w = ::write(fd, p, std::min<uint64_t>(n, 1u << 30));
@@ -189,6 +209,61 @@ struct SafetensorsWriter::State {
       p += w;
       n -= static_cast<uint64_t>(w);
     }
+  }
+  // pwrite everything (restarting after short writes); on EINVAL from O_DIRECT, switch the descriptor
+  // to buffered mode and go on. Returns 0 or errno.
+  static int pwrite_all(int fd, const uint8_t* p, uint64_t n, uint64_t off) {
+    while (n > 0) {
+      ssize_t w = ::pwrite(fd, p, std::min<uint64_t>(n, 1u << 30), static_cast<off_t>(off));
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        const int flags = fcntl(fd, F_GETFL);
+        if (errno == EINVAL && flags >= 0 && (flags & O_DIRECT) && fcntl(fd, F_SETFL, flags & ~O_DIRECT) == 0) continue;
+        return errno;
+      }
+      p += w;
+      n -= static_cast<uint64_t>(w);
+      off += static_cast<uint64_t>(w);
+    }
+    return 0;
+  }
+  void wait_inflight() {
+    if (!inflight.valid()) return;
+    if (int e = inflight.get()) {
+      errno = e;
+      io_fail("write failed");
+    }
+  }
+  // Hand stage[cur] (its first `len` bytes, a multiple of kAlign) to the background writer and switch.
+  void flush_stage(uint64_t len) {
+    wait_inflight();
+    const uint8_t* p = stage[cur].get();
+    const uint64_t off = file_off;
+    const int f = fd;
+    inflight = std::async(std::launch::async, [=] { return pwrite_all(f, p, len, off); });
+    file_off += len;
+    cur ^= 1;
+    fill = 0;
+  }
+  void stage_bytes(const uint8_t* p, uint64_t n) {
+    while (n > 0) {
+      const uint64_t k = std::min(n, kStage - fill);
+      std::memcpy(stage[cur].get() + fill, p, k);
+      fill += k;
+      p += k;
+      n -= k;
+      if (fill == kStage) flush_stage(kStage);
+    }
+  }
+  // The staged tail, zero-padded to a block, then the file cut back to its size.
+  void finish_direct() {
+    if (fill > 0) {
+      const uint64_t padded = (fill + kAlign - 1) / kAlign * kAlign;
+      std::memset(stage[cur].get() + fill, 0, padded - fill);
+      flush_stage(padded);
+    }
+    wait_inflight();
+    if (ftruncate(fd, static_cast<off_t>(total)) != 0) io_fail("truncate failed");
   }
   // The next declared tensor, checking the writer is usable and the name matches.
   const TensorDecl& expect(const std::string& name) {
@@ -265,15 +340,31 @@ SafetensorsWriter::SafetensorsWriter(std::string path, std::vector<TensorDecl> t
   s.fd = ::open(s.tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
   if (s.fd < 0) throw IOError(s.path + ": cannot create temporary file " + s.tmp + ": " + errno_text());
   try {
+    s.total = 8 + h.size() + offset;
     // Reserve the whole file up front: early ENOSPC, and contiguous allocation for large files.
-    if (offset > 0 && fallocate(s.fd, 0, 0, static_cast<off_t>(8 + h.size() + offset)) != 0 && errno == ENOSPC)
+    if (offset > 0 && fallocate(s.fd, 0, 0, static_cast<off_t>(s.total)) != 0 && errno == ENOSPC)
       s.io_fail("not enough space");
+    if (s.total >= State::kDirectMin && !std::getenv("LYCORIS_NO_DIRECT_IO")) {
+      const int flags = fcntl(s.fd, F_GETFL);
+      void* a = nullptr;
+      void* b = nullptr;
+      if (flags >= 0 && fcntl(s.fd, F_SETFL, flags | O_DIRECT) == 0 &&
+          posix_memalign(&a, State::kAlign, State::kStage) == 0 && posix_memalign(&b, State::kAlign, State::kStage) == 0) {
+        s.stage[0].reset(static_cast<uint8_t*>(a));
+        s.stage[1].reset(static_cast<uint8_t*>(b));
+        s.direct = true;
+      } else {
+        std::free(a);
+        if (flags >= 0) fcntl(s.fd, F_SETFL, flags);
+      }
+    }
     uint8_t len[8];
     for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(static_cast<uint64_t>(h.size()) >> (8 * i));
     s.write_all(len, 8);
     s.write_all(h.data(), h.size());
   } catch (...) {
     // The destructor does not run for a constructor that throws: clean up here.
+    if (s.inflight.valid()) s.inflight.wait();
     ::close(s.fd);
     ::unlink(s.tmp.c_str());
     throw;
@@ -282,6 +373,7 @@ SafetensorsWriter::SafetensorsWriter(std::string path, std::vector<TensorDecl> t
 
 SafetensorsWriter::~SafetensorsWriter() {
   if (!state_) return;
+  if (state_->inflight.valid()) state_->inflight.wait();  // the background pwrite uses fd and the buffer
   if (state_->fd >= 0) ::close(state_->fd);
   if (!state_->committed) ::unlink(state_->tmp.c_str());
 }
@@ -320,6 +412,7 @@ void SafetensorsWriter::commit() {
   if (s.next != s.decls.size())
     throw KeyError(s.path + ": only " + std::to_string(s.next) + " of " + std::to_string(s.decls.size()) +
                    " declared tensors were written (next: '" + printable(s.decls[s.next].name) + "')");
+  if (s.direct) s.finish_direct();
   if (fsync(s.fd) != 0) s.io_fail("fsync failed");
   int fd = s.fd;
   s.fd = -1;
