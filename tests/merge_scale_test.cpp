@@ -10,6 +10,8 @@
 
 #include "lycoris/algorithms.hpp"
 #include "lycoris/error.hpp"
+#include "lycoris/io/safetensors.hpp"
+#include "lycoris/modules/ia3.hpp"
 #include "lycoris/modules/lora.hpp"
 #include "lycoris/tools/merge.hpp"
 #include "test_util.hpp"
@@ -161,6 +163,162 @@ TEST(MergeScale, BiasStepsAndNonFiniteResults) {
   EXPECT_FALSE(merge_tensor(W, o, {{lora.get(), 1.0, false}})) << "NaN in the last chunk goes unreported";
   W[300][7] = 0.0;
   EXPECT_FALSE(merge_tensor(W, o, {{lora.get(), 1e39, false}})) << "Inf from the delta goes unreported";
+}
+
+// ---------------------------------------------------------------- DoRA and (IA)^3 fast paths
+//
+// DoRA per output row is finished chunk by chunk; DoRA per input column needs a first pass over every
+// row (Σ V² per column) before the writing pass; (IA)^3 is a per-row or per-column scale. Each must give
+// apply_weight's result within a few fp32 ulps (IA3: the same fp32 ops, so exactly).
+
+std::vector<Variant> dora_ia3_variants() {
+  auto o = [](const char* algo) { return AdapterOptions().algo(algo).rank(4).alpha(3); };
+  return {{"lora_dora_out", o("lora").dora(true).wd_on_out(true)},
+          {"lora_dora_in", o("lora").dora(true).wd_on_out(false)},
+          {"loha_dora_out", o("loha").dora(true).wd_on_out(true)},
+          {"loha_dora_in", o("loha").dora(true).wd_on_out(false)},
+          {"lokr_dora_in", o("lokr").dora(true).wd_on_out(false).factor(4)},
+          {"ia3_out", o("ia3").train_on_input(false)},
+          {"ia3_in", o("ia3").train_on_input(true)}};
+}
+
+// |a − b| ≤ ulps · ε_fp32 · (|b| + max|b|): a few fp32 roundings of the tensor's largest values (the sums of
+// the norms round in another order, and W + ΔW cancels, so small elements carry the error of large terms).
+::testing::AssertionResult within_ulps(const torch::Tensor& a, const torch::Tensor& b, double ulps, const std::string& what) {
+  const double eps = std::numeric_limits<float>::epsilon();
+  auto bound = (b.abs() + b.abs().max()) * (ulps * eps);
+  auto excess = ((a - b).abs() - bound).max().item<double>();
+  if (excess <= 0 && torch::isfinite(a).all().item<bool>()) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << what << ": max |a − b| = " << (a - b).abs().max().item<double>()
+                                       << " exceeds " << ulps << " ulps (by " << excess << ")";
+}
+
+TEST(MergeScaleDoraIA3, ChunkedEqualsApplyWeight) {
+  torch::manual_seed(11);
+  torch::NoGradGuard g;
+  int checked = 0;
+  for (const auto& layer : layers())
+    for (const auto& v : dora_ia3_variants()) {
+      auto W16 = (torch::randn(layer.weight_shape()) * 0.05).to(torch::kFloat16);
+      auto a = make(v, layer, W16.to(torch::kFloat32));
+      ASSERT_TRUE(a) << v.name;
+      if (auto* lr = dynamic_cast<lycoris::LowRankAdapter*>(a.get())) {
+        ASSERT_TRUE(lr->dora_scale.defined()) << v.name;
+        EXPECT_EQ(lr->dora_scale.size(0) != 1, v.options.wd_on_out()) << v.name << ": wrong DoRA axis";
+      } else {
+        auto* ia3 = dynamic_cast<lycoris::IA3Impl*>(a.get());
+        ASSERT_TRUE(ia3) << v.name;
+        EXPECT_EQ(ia3->on_input(), v.options.train_on_input()) << v.name;
+        ia3->weight.normal_(0, 0.5);  // far from 0: a real scale
+      }
+      const std::string what = v.name + " on " + layer.describe();
+      const bool ia3 = v.name.rfind("ia3", 0) == 0;
+      for (double m : {1.0, 0.7}) {
+        std::vector<MergeStep> steps{{a.get(), m, false}};
+        auto expected = reference(W16.to(torch::kFloat32), steps);
+        // the fast path is only worth something when the result actually changes W
+        ASSERT_GT((expected - W16.to(torch::kFloat32)).abs().max().item<double>(), 1e-3) << what;
+        auto out32 = torch::empty(W16.sizes(), torch::kFloat32);
+        ASSERT_TRUE(merge_tensor(W16, out32, steps)) << what;
+        if (ia3)
+          EXPECT_TRUE(torch::equal(out32, expected)) << what << " m=" << m << ": not the same fp32 ops";
+        else
+          EXPECT_TRUE(within_ulps(out32, expected, 4, what + " m=" + std::to_string(m)));
+        // in place over the fp16 input (column DoRA: the first pass must not have written it)
+        auto buf = W16.clone();
+        ASSERT_TRUE(merge_tensor(buf, buf, steps)) << what;
+        auto want16 = expected.to(torch::kFloat16).to(torch::kFloat32);
+        EXPECT_TRUE(lycoris::test::all_close(buf.to(torch::kFloat32), want16, 6e-8, 1.0 / 1024, what + " in place fp16"));
+        EXPECT_LE((buf.to(torch::kFloat32) != want16).sum().item<int64_t>(), W16.numel() / 100) << what;
+      }
+      // fp64 base: fp64 compute, fp64 ε
+      auto W64 = W16.to(torch::kFloat64);
+      std::vector<MergeStep> steps{{a.get(), 0.7, false}};
+      auto out64 = torch::empty_like(W64);
+      ASSERT_TRUE(merge_tensor(W64, out64, steps)) << what;
+      EXPECT_TRUE(lycoris::test::all_close(out64, reference(W64, steps), 1e-12, 1e-12, what + " fp64"));
+      ++checked;
+    }
+  EXPECT_EQ(checked, 14);
+}
+
+// Several column-norm DoRA steps after row steps: one pass per column step, each seeing the result of
+// the steps before it.
+TEST(MergeScaleDoraIA3, ChainOfColumnAndRowSteps) {
+  torch::manual_seed(12);
+  torch::NoGradGuard g;
+  const auto vs = dora_ia3_variants();
+  auto find = [&](const std::string& n) {
+    for (const auto& v : vs)
+      if (v.name == n) return v;
+    return vs.front();
+  };
+  for (const auto& layer : layers()) {
+    auto W = torch::randn(layer.weight_shape()) * 0.05;
+    std::vector<AdapterPtr> keep;
+    std::vector<MergeStep> steps;
+    double m = 1.0;
+    for (const auto* n : {"ia3_in", "lora_dora_in", "loha_dora_out", "ia3_out", "loha_dora_in"}) {
+      keep.push_back(make(find(n), layer, W));
+      ASSERT_TRUE(keep.back()) << n;
+      steps.push_back({keep.back().get(), m, false});
+      m -= 0.15;
+    }
+    auto out = torch::empty_like(W);
+    ASSERT_TRUE(merge_tensor(W, out, steps));
+    EXPECT_TRUE(within_ulps(out, reference(W, steps), 8, "chain on " + layer.describe()));
+  }
+}
+
+TEST(MergeScaleDoraIA3, NonFiniteDetected) {
+  torch::manual_seed(13);
+  torch::NoGradGuard g;
+  for (const auto& layer : layers())
+    for (const auto& v : dora_ia3_variants()) {
+      auto W = torch::randn(layer.weight_shape()) * 0.05;
+      auto a = make(v, layer, W);
+      auto o = torch::empty_like(W);
+      ASSERT_TRUE(merge_tensor(W, o, {{a.get(), 0.7, false}})) << v.name;
+      auto bad = W.clone();
+      bad.view({bad.size(0), -1})[bad.size(0) - 1][5] = std::numeric_limits<float>::quiet_NaN();
+      EXPECT_FALSE(merge_tensor(bad, o, {{a.get(), 0.7, false}})) << v.name << ": NaN in the last row unreported";
+      EXPECT_FALSE(merge_tensor(bad, bad, {{a.get(), 1.0, false}})) << v.name << ": NaN unreported in place";
+    }
+}
+
+// Through tools::merge: the NaN produced by a DoRA / (IA)^3 module is reported naming the tensor and module.
+TEST(MergeScaleDoraIA3, NaNNamesTheModule) {
+  torch::manual_seed(14);
+  namespace io = lycoris::io;
+  const auto dir = lycoris::test::temp_dir("merge-scale-nan");
+  const auto base = dir + "/base.safetensors";
+  io::save_file(base, {{"net.proj.weight", torch::randn({8, 6}).to(torch::kFloat16)}, {"net.proj.bias", torch::randn({8})}});
+  const std::string mod = "lycoris_net_proj";
+  auto ds_in = torch::rand({1, 6}) + 1;
+  ds_in[0][2] = std::numeric_limits<float>::quiet_NaN();
+  auto v = torch::randn({8});
+  v[7] = std::numeric_limits<float>::infinity();
+  const std::vector<std::pair<std::string, std::vector<std::pair<std::string, torch::Tensor>>>> cases = {
+      {"dora_in",
+       {{mod + ".alpha", torch::tensor(2.0)},
+        {mod + ".lora_up.weight", torch::randn({8, 2})},
+        {mod + ".lora_down.weight", torch::randn({2, 6})},
+        {mod + ".dora_scale", ds_in}}},
+      {"ia3", {{mod + ".weight", v}, {mod + ".on_input", torch::tensor(int64_t{0})}}}};
+  for (const auto& [name, tensors] : cases) {
+    const auto path = dir + "/" + name + ".safetensors";
+    io::save_file(path, tensors);
+    lycoris::tools::MergeOptions opt;
+    opt.adapters = {{path, 1.0}};
+    try {
+      lycoris::tools::merge(base, dir + "/out.safetensors", opt);
+      ADD_FAILURE() << name << ": merged a non-finite result";
+    } catch (const lycoris::Error& e) {
+      const std::string msg = e.what();
+      for (const auto* needle : {"net.proj.weight", "NaN", "lycoris_net_proj"})
+        EXPECT_NE(msg.find(needle), std::string::npos) << name << ": " << msg << " lacks " << needle;
+    }
+  }
 }
 
 }  // namespace merge_scale_test

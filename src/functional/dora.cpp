@@ -26,10 +26,17 @@ torch::Tensor axis_norm(const torch::Tensor& V, bool wd_on_out) {
 }
 }  // namespace
 
-torch::Tensor norm(const torch::Tensor& V, bool wd_on_out) {
-  const double eps = V.scalar_type() == torch::kFloat64 ? std::numeric_limits<double>::epsilon()
-                                                        : static_cast<double>(std::numeric_limits<float>::epsilon());
-  return axis_norm(V, wd_on_out) + eps;
+double epsilon(torch::ScalarType compute) {
+  return compute == torch::kFloat64 ? std::numeric_limits<double>::epsilon()
+                                    : static_cast<double>(std::numeric_limits<float>::epsilon());
+}
+
+torch::Tensor norm(const torch::Tensor& V, bool wd_on_out) { return axis_norm(V, wd_on_out) + epsilon(V.scalar_type()); }
+
+torch::Tensor factor(const torch::Tensor& dora_scale, const torch::Tensor& n, double m) {
+  auto g = dora_scale / n;
+  if (m != 1.0) g = m * (g - 1) + 1;
+  return g;
 }
 
 // The reference stores the plain norm of W (no ε).
@@ -46,9 +53,7 @@ bool on_out(const torch::Tensor& dora_scale, torch::IntArrayRef weight_shape, co
 torch::Tensor apply(const torch::Tensor& W, const torch::Tensor& dW, const torch::Tensor& dora_scale, double m) {
   const bool out = on_out(dora_scale, W.sizes(), "dora");
   auto V = to_compute(W, W) + to_compute(dW, W).to(W.device());
-  auto g = to_compute(dora_scale, W).to(W.device()) / norm(V, out);
-  if (m != 1.0) g = m * (g - 1) + 1;
-  return (V * g).to(W.scalar_type());
+  return (V * factor(to_compute(dora_scale, W).to(W.device()), norm(V, out), m)).to(W.scalar_type());
 }
 
 }  // namespace lycoris::functional::dora

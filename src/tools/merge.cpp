@@ -28,9 +28,11 @@
 #include "lycoris/adapter_file.hpp"
 #include "lycoris/error.hpp"
 #include "lycoris/functional/common.hpp"
+#include "lycoris/functional/dora.hpp"
 #include "lycoris/functional/lokr.hpp"
 #include "lycoris/io/safetensors.hpp"
 #include "lycoris/modules/dylora.hpp"
+#include "lycoris/modules/ia3.hpp"
 #include "lycoris/modules/loha.hpp"
 #include "lycoris/modules/lokr.hpp"
 #include "lycoris/modules/lora.hpp"
@@ -174,36 +176,54 @@ class Reader {
   int fd_ = -1;
 };
 
-// ---------------------------------------------------------------- in-place ΔW kernels
+// ---------------------------------------------------------------- in-place row kernels
 //
-// W (as a 2-D (O, I·k) fp32/fp64 view) += m·ΔW for the rows [r0, r1), without materialising ΔW:
-//   LoRA    W[r0:r1] += (m·s) · up[r0:r1] · down                      (one addmm)
-//   LoHa    W[r0:r1] += (m·s) · (w1a[r0:r1]·w1b) ⊙ (w2a[r0:r1]·w2b)   (two small mm, one addcmul)
-//   LoKr    W viewed (a, p, c, q·k): W[u0:u1] += (m·s) · W1[u0:u1, None, :, None] · W2[None, :, None, :]
-// Same fp32 math as W + m·ΔW of apply_weight (only the order of the roundings inside one element differs,
-// within a few fp32 ulps); the caller rounds once to the output dtype. Rows come in multiples of `block`.
+// One merge step on the rows [r0, r1) of W (a 2-D (O, I·k) fp32/fp64 view), in place, ΔW never materialised:
+//   LoRA    W[r0:r1] += c · up[r0:r1] · down                      (one addmm)
+//   LoHa    W[r0:r1] += c · (w1a[r0:r1]·w1b) ⊙ (w2a[r0:r1]·w2b)   (two small mm, one addcmul)
+//   LoKr    W viewed (a, p, c, q·k): W[u0:u1] += c · W1[u0:u1, None, :, None] · W2[None, :, None, :]
+//           c = m·s, or s with DoRA (FORMAT.md §4.3: ΔW at multiplier 1)
+//   DoRA, norm per output row:   V = W + ΔW, then V[r] ⊙= g'(r) — the rows of a chunk are whole, one pass
+//   DoRA, norm per input column: V = W + ΔW, then V[:, i] ⊙= g'(i) — ‖V[:, i]‖ spans every row, so the
+//           caller first runs a pass summing V² per column (set_column_sums), then `scale` applies g'
+//           (g' = m·(g − 1) + 1, g = dora_scale / (‖V‖ + ε), dora::factor)
+//   (IA)^3  W[r0:r1] ⊙= 1 + m·v  along the rows or the input columns
+// Same fp32 math as apply_weight (only the order of the roundings inside one element, and of the sums of
+// the norms, differs: a few fp32 ulps); the caller rounds once to the output dtype. Rows come in
+// multiples of `block`.
+using RowsFn = std::function<void(const torch::Tensor& W_rows, int64_t r0, int64_t r1)>;
 struct RowKernel {
   int64_t block = 1;
-  std::function<void(const torch::Tensor& W_rows, int64_t r0, int64_t r1)> add;
+  RowsFn add;  // the whole step; for a column-norm DoRA step only W ← V = W + ΔW
+  // column-norm DoRA only: g' from Σ over all rows of V² per column ((I·k,) fp64), then W ⊙= g' per row range
+  std::function<void(const torch::Tensor& column_sums)> set_column_sums;
+  RowsFn scale;
+
+  bool needs_columns() const { return static_cast<bool>(set_column_sums); }
+  void apply(const torch::Tensor& W, int64_t r0, int64_t r1) const {
+    add(W, r0, r1);
+    if (scale) scale(W, r0, r1);
+  }
 };
 
 bool is_a(const AdapterImpl& a, const std::type_info& t) { return typeid(a) == t; }
 
-// The kernel of an additive low-rank module in eval mode without DoRA whose factors are already in W's
-// dtype and device (else nullopt: the caller uses apply_weight and gets the reference's rounding).
-std::optional<RowKernel> row_kernel(AdapterImpl& adapter, double m, const torch::TensorOptions& opts,
-                                    torch::IntArrayRef shape) {
-  auto* lr = dynamic_cast<LowRankAdapter*>(&adapter);
-  if (!lr || lr->is_training() || lr->dora_scale.defined() || shape.size() < 2) return std::nullopt;
+// Σ V² per column of the rows V, in fp64 (a chunk's share of the column norms of DoRA's V).
+torch::Tensor column_sums(const torch::Tensor& V) { return V.square().sum(0, false, torch::kFloat64); }
+
+// W += m·ΔW for an additive low-rank module whose factors are already in W's dtype and device (else
+// nullopt: the caller uses apply_weight and gets the reference's rounding).
+std::optional<RowKernel> delta_kernel(LowRankAdapter& lr, double m, const torch::TensorOptions& opts,
+                                      torch::IntArrayRef shape) {
   auto fits = [&](std::initializer_list<torch::Tensor> ts) {
     for (const auto& t : ts)
       if (t.defined() && (t.dtype() != opts.dtype() || t.device() != opts.device())) return false;
     return true;
   };
-  const double c = m * lr->scale();
+  const double c = m * lr.scale();
   const int64_t O = shape[0], numel = c10::multiply_integers(shape);
-  if (is_a(adapter, typeid(LoRAImpl))) {
-    auto& a = static_cast<LoRAImpl&>(adapter);
+  if (is_a(lr, typeid(LoRAImpl))) {
+    auto& a = static_cast<LoRAImpl&>(lr);
     if (a.lora_mid.defined() || !fits({a.lora_up, a.lora_down})) return std::nullopt;
     auto up = functional::flat(a.lora_up * a.scalar), down = functional::flat(a.lora_down).contiguous();
     torch::Tensor sparse;  // sparse-bias residual of extracted files: ΔW += dense (unscaled)
@@ -214,8 +234,8 @@ std::optional<RowKernel> row_kernel(AdapterImpl& adapter, double m, const torch:
                        if (sparse.defined()) Wr.add_(sparse.narrow(0, r0, r1 - r0), m);
                      }};
   }
-  if (is_a(adapter, typeid(LoHaImpl))) {
-    auto& a = static_cast<LoHaImpl&>(adapter);
+  if (is_a(lr, typeid(LoHaImpl))) {
+    auto& a = static_cast<LoHaImpl&>(lr);
     if (a.hada_t1.defined() || !fits({a.hada_w1_a, a.hada_w1_b, a.hada_w2_a, a.hada_w2_b})) return std::nullopt;
     auto w1a = a.hada_w1_a * a.scalar, w1b = a.hada_w1_b.contiguous(), w2a = a.hada_w2_a.contiguous(),
          w2b = a.hada_w2_b.contiguous();
@@ -224,13 +244,13 @@ std::optional<RowKernel> row_kernel(AdapterImpl& adapter, double m, const torch:
                        Wr.addcmul_(torch::mm(w1a.narrow(0, r0, n), w1b), torch::mm(w2a.narrow(0, r0, n), w2b), c);
                      }};
   }
-  if (is_a(adapter, typeid(LoKrImpl))) {
-    auto& a = static_cast<LoKrImpl&>(adapter);
+  if (is_a(lr, typeid(LoKrImpl))) {
+    auto& a = static_cast<LoKrImpl&>(lr);
     functional::lokr::Weights w{a.lokr_w1, a.lokr_w1_a, a.lokr_w1_b, a.lokr_w2, a.lokr_w2_a, a.lokr_w2_b, a.lokr_t2};
     if (!fits({w.w1, w.w1a, w.w1b, w.w2, w.w2a, w.w2b, w.t2})) return std::nullopt;
     auto& first = w.w1.defined() ? w.w1 : w.w1a;  // the scalar multiplies W1 (as LoKrImpl does)
     first = first * a.scalar;
-    auto W1 = functional::lokr::w1(w), W2 = functional::lokr::w2(lr->layer(), w);
+    auto W1 = functional::lokr::w1(w), W2 = functional::lokr::w2(lr.layer(), w);
     const int64_t A = W1.size(0), C = W1.size(1), P = W2.size(0);
     if (A * P != O || numel % (O * C) != 0) return std::nullopt;
     const int64_t QK = numel / (O * C);
@@ -243,6 +263,56 @@ std::optional<RowKernel> row_kernel(AdapterImpl& adapter, double m, const torch:
   return std::nullopt;
 }
 
+// W ← (W + ΔW) ⊙ g' (FORMAT.md §4.3), the axis from dora_scale's shape.
+std::optional<RowKernel> dora_kernel(LowRankAdapter& lr, double m, const torch::TensorOptions& opts,
+                                     torch::IntArrayRef shape) {
+  auto k = delta_kernel(lr, 1.0, opts, shape);
+  if (!k) return std::nullopt;
+  const auto ds = lr.dora_scale.detach().to(opts).reshape({-1});
+  const RowsFn delta = k->add;
+  if (functional::dora::on_out(lr.dora_scale, shape, lr.algo())) {
+    const auto ds_rows = ds.view({-1, 1});
+    k->add = [=](const torch::Tensor& Wr, int64_t r0, int64_t r1) {
+      delta(Wr, r0, r1);
+      Wr.mul_(functional::dora::factor(ds_rows.narrow(0, r0, r1 - r0), functional::dora::norm(Wr, true), m));
+    };
+    return k;
+  }
+  const int64_t I = shape[1], K = c10::multiply_integers(shape) / (shape[0] * I);
+  const double eps = functional::dora::epsilon(c10::typeMetaToScalarType(opts.dtype()));
+  auto g = std::make_shared<torch::Tensor>();  // g' per input column, (1, I, 1), once the sums are known
+  k->set_column_sums = [=](const torch::Tensor& sums) {
+    auto n = sums.view({I, K}).sum(1).sqrt().to(opts.dtype()) + eps;  // ‖V[:, i, …]‖ + ε
+    *g = functional::dora::factor(ds, n, m).view({1, I, 1});
+  };
+  k->scale = [=](const torch::Tensor& Wr, int64_t, int64_t) { Wr.view({Wr.size(0), I, K}).mul_(*g); };
+  return k;
+}
+
+// W ⊙= 1 + m·v along the output rows or the input columns (FORMAT.md §5.6); the same fp32 ops as
+// functional::ia3::apply_weight.
+RowKernel ia3_kernel(const IA3Impl& a, double m, const torch::TensorOptions& opts, torch::IntArrayRef shape) {
+  const auto f = a.weight.detach().to(opts).reshape({-1}) * m + 1;
+  if (!a.on_input()) {
+    const auto rows = f.view({-1, 1});
+    return RowKernel{1, [=](const torch::Tensor& Wr, int64_t r0, int64_t r1) { Wr.mul_(rows.narrow(0, r0, r1 - r0)); }};
+  }
+  const int64_t I = shape[1], K = c10::multiply_integers(shape) / (shape[0] * I);
+  const auto cols = f.view({1, I, 1});
+  return RowKernel{1, [=](const torch::Tensor& Wr, int64_t, int64_t) { Wr.view({Wr.size(0), I, K}).mul_(cols); }};
+}
+
+// The kernel of one weight step in eval mode: LoRA / LoHa / LoKr (with or without DoRA) or (IA)^3; nullopt
+// for anything else (the caller uses apply_weight).
+std::optional<RowKernel> row_kernel(AdapterImpl& adapter, double m, const torch::TensorOptions& opts,
+                                    torch::IntArrayRef shape) {
+  if (adapter.is_training() || shape.size() < 2) return std::nullopt;
+  if (is_a(adapter, typeid(IA3Impl))) return ia3_kernel(static_cast<IA3Impl&>(adapter), m, opts, shape);
+  auto* lr = dynamic_cast<LowRankAdapter*>(&adapter);
+  if (!lr) return std::nullopt;
+  return lr->dora_scale.defined() ? dora_kernel(*lr, m, opts, shape) : delta_kernel(*lr, m, opts, shape);
+}
+
 // W ← apply_weight(W, m) (or apply_bias) in place on the whole tensor.
 void apply_whole(torch::Tensor& W, AdapterImpl& adapter, double m, bool bias) {
   if (bias) {
@@ -250,7 +320,10 @@ void apply_whole(torch::Tensor& W, AdapterImpl& adapter, double m, bool bias) {
     return;
   }
   if (auto k = row_kernel(adapter, m, W.options(), W.sizes())) {
-    k->add(W.view({W.size(0), -1}), 0, W.size(0));
+    auto W2 = W.view({W.size(0), -1});
+    k->add(W2, 0, W.size(0));
+    if (k->needs_columns()) k->set_column_sums(column_sums(W2));
+    if (k->scale) k->scale(W2, 0, W.size(0));
     return;
   }
   // additive low-rank modules the kernels do not cover (Tucker, DyLoRA, factors in another dtype):
@@ -278,6 +351,34 @@ bool all_finite(const torch::Tensor& t) {
 
 constexpr int64_t kChunkElements = 1 << 16;  // rows per chunk ≈ 256 KB of fp32: W, P1, P2 stay in cache
 
+// fn(chunk, worker) for every chunk in [0, chunks), on `workers` threads (this one included) taking chunks
+// from a counter, each running torch single-threaded: no OpenMP barrier per tensor, so a worker the OS
+// preempts (2 cores shared with the reader, the writer and other processes) delays the tensor by one chunk,
+// not by a time slice of spinning. The first exception stops the others and is rethrown.
+void parallel_chunks(int64_t chunks, int workers, const std::function<void(int64_t, int)>& fn) {
+  const int threads = at::get_num_threads();
+  std::atomic<int64_t> next{0};
+  std::exception_ptr error;
+  std::mutex error_mu;
+  auto guarded = [&](int worker) {
+    try {
+      torch::NoGradGuard no_grad;
+      at::set_num_threads(1);
+      for (int64_t c; (c = next++) < chunks;) fn(c, worker);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mu);
+      if (!error) error = std::current_exception();
+      next = chunks;
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int w = 1; w < workers; ++w) pool.emplace_back(guarded, w);
+  guarded(0);
+  for (auto& t : pool) t.join();
+  at::set_num_threads(threads);  // this thread's setting (and torch's default for new threads) back
+  if (error) std::rethrow_exception(error);
+}
+
 }  // namespace
 
 bool merge_tensor(const torch::Tensor& x, const torch::Tensor& out, const std::vector<MergeStep>& steps,
@@ -285,7 +386,7 @@ bool merge_tensor(const torch::Tensor& x, const torch::Tensor& out, const std::v
   const auto compute = x.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
   const bool cpu = device.is_cpu() && x.device().is_cpu() && out.device().is_cpu();
   // Row-chunked path (CPU, ≥ 2-D, every step a row kernel): each chunk of rows is converted to fp32,
-  // gets every ΔW added, is checked and rounded into `out` while it is in cache; chunks run in parallel.
+  // goes through every step, is checked and rounded into `out` while it is in cache; chunks run in parallel.
   std::vector<RowKernel> kernels;
   if (cpu && x.dim() >= 2 && x.numel() > 0 && out.is_contiguous() && x.is_contiguous()) {
     for (const auto& s : steps) {
@@ -303,42 +404,35 @@ bool merge_tensor(const torch::Tensor& x, const torch::Tensor& out, const std::v
     if (O % block == 0) {
       const int64_t rows = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(cols, 1) / block) * block;
       const int64_t chunks = (O + rows - 1) / rows;
+      const int workers = static_cast<int>(std::min<int64_t>(std::max(1, at::get_num_threads()), chunks));
       auto x2 = x.view({O, cols}), o2 = out.view({O, cols});
       std::atomic<bool> finite{true};
-      std::atomic<int64_t> next{0};
-      // Our own workers taking chunks from a counter, each running torch single-threaded: no OpenMP
-      // barrier per tensor, so a worker the OS preempts (2 cores shared with the reader, the writer
-      // and other processes) delays the tensor by one chunk, not by a time slice of spinning.
-      const int threads = std::max(1, at::get_num_threads());
-      auto work = [&] {
-        at::set_num_threads(1);
-        for (int64_t c; (c = next++) < chunks;) {
+      // One pass per column-norm DoRA step (from x again, through the steps before it: Σ V² per column over
+      // all rows, which that step needs before it can scale), then the pass that writes `out`. Only the
+      // last pass writes, so `out` may be `x`.
+      for (size_t upto = 0;; ++upto) {
+        while (upto < kernels.size() && !kernels[upto].needs_columns()) ++upto;
+        const bool last = upto == kernels.size();
+        std::vector<torch::Tensor> sums(static_cast<size_t>(workers));  // per worker: no lock, no race
+        parallel_chunks(chunks, workers, [&](int64_t c, int worker) {
           const int64_t r0 = c * rows, r1 = std::min(O, r0 + rows);
           auto W = x2.narrow(0, r0, r1 - r0).to(compute, /*non_blocking=*/false, /*copy=*/true);
-          for (const auto& k : kernels) k.add(W, r0, r1);
+          for (size_t i = 0; i < upto; ++i) kernels[i].apply(W, r0, r1);
+          if (!last) {
+            kernels[upto].add(W, r0, r1);
+            auto& acc = sums[static_cast<size_t>(worker)];
+            acc = acc.defined() ? acc.add_(column_sums(W)) : column_sums(W);
+            return;
+          }
           if (!all_finite(W)) finite = false;
           o2.narrow(0, r0, r1 - r0).copy_(W);
-        }
-      };
-      std::vector<std::thread> workers;
-      std::exception_ptr error;
-      std::mutex error_mu;
-      auto guarded = [&] {
-        try {
-          torch::NoGradGuard no_grad;
-          work();
-        } catch (...) {
-          std::lock_guard<std::mutex> lock(error_mu);
-          if (!error) error = std::current_exception();
-          next = chunks;
-        }
-      };
-      for (int i = 1; i < std::min<int64_t>(threads, chunks); ++i) workers.emplace_back(guarded);
-      guarded();
-      for (auto& w : workers) w.join();
-      at::set_num_threads(threads);  // this thread's setting (and torch's default for new threads) back
-      if (error) std::rethrow_exception(error);
-      return finite;
+        });
+        if (last) return finite;
+        torch::Tensor total;
+        for (const auto& s : sums)
+          if (s.defined()) total = total.defined() ? total.add_(s) : s;
+        kernels[upto].set_column_sums(total);
+      }
     }
   }
   auto W = x.to(device, compute, /*non_blocking=*/false, /*copy=*/true);

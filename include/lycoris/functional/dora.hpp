@@ -17,8 +17,13 @@ torch::Tensor init_scale(const torch::Tensor& W, bool wd_on_out);
 // Which axis a stored dora_scale normalises: true = per output row. ShapeError naming `module` when it
 // fits neither layout.
 bool on_out(const torch::Tensor& dora_scale, torch::IntArrayRef weight_shape, const std::string& module);
+// ε of the working dtype: fp64's machine epsilon for fp64, else fp32's.
+double epsilon(torch::ScalarType compute);
 // ‖V‖ + ε along the layout of dora_scale, broadcastable to V.
 torch::Tensor norm(const torch::Tensor& V, bool wd_on_out);
+// The factor of W' = V ⊙ g': g = dora_scale / n (n = ‖V‖ + ε), g' = m·(g − 1) + 1 when m ≠ 1, else g.
+// (Lets callers that compute the norms in pieces, e.g. the chunked merge, share the rule.)
+torch::Tensor factor(const torch::Tensor& dora_scale, const torch::Tensor& n, double m);
 // W' = (W + ΔW) ⊙ (m·(g − 1) + 1), computed in the compute dtype of W, returned in W's dtype.
 // The axis comes from dora_scale's shape.
 torch::Tensor apply(const torch::Tensor& W, const torch::Tensor& dW, const torch::Tensor& dora_scale, double m);
