@@ -19,6 +19,7 @@
 #include <thread>
 #include <unordered_map>
 
+#include <ATen/Config.h>
 #include <ATen/Parallel.h>
 
 #include <atomic>
@@ -351,33 +352,109 @@ bool all_finite(const torch::Tensor& t) {
 
 constexpr int64_t kChunkElements = 1 << 16;  // rows per chunk ≈ 256 KB of fp32: W, P1, P2 stay in cache
 
-// fn(chunk, worker) for every chunk in [0, chunks), on `workers` threads (this one included) taking chunks
-// from a counter, each running torch single-threaded: no OpenMP barrier per tensor, so a worker the OS
-// preempts (2 cores shared with the reader, the writer and other processes) delays the tensor by one chunk,
-// not by a time slice of spinning. The first exception stops the others and is rethrown.
-void parallel_chunks(int64_t chunks, int workers, const std::function<void(int64_t, int)>& fn) {
-  const int threads = at::get_num_threads();
-  std::atomic<int64_t> next{0};
-  std::exception_ptr error;
-  std::mutex error_mu;
-  auto guarded = [&](int worker) {
+// This thread's intra-op threads. With OpenMP that is the thread's own ICV: at::set_num_threads (torch 1.13)
+// would also rebuild torch's pthreadpool (QNNPACK's), whose fresh threads spin for a while.
+void set_intra_op_threads(int n) {
+#if AT_PARALLEL_OPENMP
+  static const auto omp = reinterpret_cast<void (*)(int)>(dlsym(RTLD_DEFAULT, "omp_set_num_threads"));
+  if (omp) {
+    at::get_num_threads();  // torch's per-thread initialisation first: it would reset the ICV later
+    omp(n);
+    return;
+  }
+#endif
+  at::set_num_threads(n);
+}
+
+// Persistent chunk workers (created on first use, for the life of the process), each running torch
+// single-threaded and taking chunks from a counter: no OpenMP barrier per tensor, so a worker the OS
+// preempts (2 cores shared with the reader, the writer and other processes) delays the tensor by one
+// chunk, not by a time slice of spinning. Persistent because a fresh thread pays torch's per-thread
+// initialisation on its first op (in torch 1.13 a rebuild of its pthreadpool, whose new threads spin):
+// with threads per tensor that was a third of a merge's CPU time.
+class ChunkWorkers {
+ public:
+  static ChunkWorkers& instance() {
+    static ChunkWorkers pool;
+    return pool;
+  }
+  // fn(chunk, worker) for every chunk in [0, chunks) on `workers` threads, the caller being worker 0.
+  // The first exception stops the others and is rethrown.
+  void run(int64_t chunks, int workers, const std::function<void(int64_t, int)>& fn) {
+    std::lock_guard<std::mutex> one_job(run_mu_);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      while (static_cast<int>(threads_.size()) < workers - 1) {
+        const int id = static_cast<int>(threads_.size()) + 1;
+        threads_.emplace_back([this, id] { loop(id); });
+      }
+      fn_ = &fn;
+      chunks_ = chunks;
+      next_ = 0;
+      workers_ = workers;
+      active_ = workers - 1;
+      error_ = nullptr;
+      ++generation_;
+    }
+    wake_.notify_all();
+    const int threads = at::get_num_threads();
+    set_intra_op_threads(1);
+    work(0);
+    set_intra_op_threads(threads);
+    std::unique_lock<std::mutex> lock(mu_);
+    done_.wait(lock, [&] { return active_ == 0; });
+    fn_ = nullptr;
+    if (error_) std::rethrow_exception(error_);
+  }
+  ~ChunkWorkers() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+
+ private:
+  void loop(int id) {
+    set_intra_op_threads(1);
+    c10::GradMode::set_enabled(false);
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
+        if (stop_) return;
+        seen = generation_;
+        if (id >= workers_) continue;
+      }
+      work(id);
+      std::lock_guard<std::mutex> lock(mu_);
+      if (--active_ == 0) done_.notify_all();
+    }
+  }
+  void work(int id) {
     try {
       torch::NoGradGuard no_grad;
-      at::set_num_threads(1);
-      for (int64_t c; (c = next++) < chunks;) fn(c, worker);
+      for (int64_t c; (c = next_++) < chunks_;) (*fn_)(c, id);
     } catch (...) {
-      std::lock_guard<std::mutex> lock(error_mu);
-      if (!error) error = std::current_exception();
-      next = chunks;
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!error_) error_ = std::current_exception();
+      next_ = chunks_;
     }
-  };
-  std::vector<std::thread> pool;
-  for (int w = 1; w < workers; ++w) pool.emplace_back(guarded, w);
-  guarded(0);
-  for (auto& t : pool) t.join();
-  at::set_num_threads(threads);  // this thread's setting (and torch's default for new threads) back
-  if (error) std::rethrow_exception(error);
-}
+  }
+
+  std::mutex run_mu_, mu_;
+  std::condition_variable wake_, done_;
+  std::vector<std::thread> threads_;
+  const std::function<void(int64_t, int)>* fn_ = nullptr;
+  int64_t chunks_ = 0;
+  std::atomic<int64_t> next_{0};
+  int workers_ = 0, active_ = 0;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+  std::exception_ptr error_;
+};
 
 }  // namespace
 
@@ -414,7 +491,7 @@ bool merge_tensor(const torch::Tensor& x, const torch::Tensor& out, const std::v
         while (upto < kernels.size() && !kernels[upto].needs_columns()) ++upto;
         const bool last = upto == kernels.size();
         std::vector<torch::Tensor> sums(static_cast<size_t>(workers));  // per worker: no lock, no race
-        parallel_chunks(chunks, workers, [&](int64_t c, int worker) {
+        ChunkWorkers::instance().run(chunks, workers, [&](int64_t c, int worker) {
           const int64_t r0 = c * rows, r1 = std::min(O, r0 + rows);
           auto W = x2.narrow(0, r0, r1 - r0).to(compute, /*non_blocking=*/false, /*copy=*/true);
           for (size_t i = 0; i < upto; ++i) kernels[i].apply(W, r0, r1);
