@@ -329,6 +329,112 @@ TEST(ExtractSvd, RandomizedMatchesTheOptimumOnADecayingSpectrum) {
   EXPECT_TRUE(test::all_close(p.S, torch::linalg_svdvals(A.matmul(B)).narrow(0, 0, 5), 1e-4, 1e-4, "σ"));
 }
 
+// ---------------------------------------------------------------- the streaming tool
+
+// fp16 checkpoints with every kind of layer the streaming loop distinguishes: changed Linear/Conv (low rank +
+// noise), byte-identical, changed only within allclose tolerance, changed just beyond it, a norm, biases.
+struct StreamCase {
+  std::string base, tuned;
+  std::map<std::string, torch::Tensor> delta;  // weight key → tuned − base (fp64) of the changed layers
+};
+
+StreamCase stream_case(const std::string& dir) {
+  torch::manual_seed(7);
+  auto h = [](const torch::Tensor& t) { return t.to(torch::kFloat16); };
+  std::vector<std::pair<std::string, torch::Tensor>> base, tuned;
+  auto add = [&](const std::string& key, const torch::Tensor& b, const torch::Tensor& t) {
+    base.emplace_back(key, h(b));
+    tuned.emplace_back(key, h(t));
+  };
+  auto W1 = torch::randn({48, 40}), W2 = torch::randn({24, 16, 3, 3}), W3 = torch::randn({16, 16});
+  auto lowrank = [](int64_t o, int64_t i) {
+    return torch::randn({o, 6}).matmul(torch::randn({6, i})) * 0.05 + torch::randn({o, i}) * 0.002;
+  };
+  add("a.lin.weight", W1, W1 + lowrank(48, 40));
+  add("a.lin.bias", torch::randn({48}), torch::randn({48}));
+  add("b.conv.weight", W2, W2 + lowrank(24, 144).reshape({24, 16, 3, 3}));
+  add("c.same.weight", W3, W3);
+  add("d.tiny.weight", torch::full({8, 8}, 1024.0), torch::full({8, 8}, 1025.0));  // |Δ| = 1 > 1e-8 + 1e-5·1025
+  add("e.zero.weight", torch::zeros({8, 8}), -torch::zeros({8, 8}));  // +0 vs −0: other bytes, allclose
+  add("f.norm.weight", torch::ones({16}), torch::ones({16}) * 1.5);
+  const std::string b = dir + "/base.safetensors", t = dir + "/tuned.safetensors";
+  io::save_file(b, base);
+  io::save_file(t, tuned);
+  StreamCase c{b, t, {}};
+  auto fb = io::SafetensorsFile::open(b), ft = io::SafetensorsFile::open(t);
+  for (const auto& [key, _] : base) {
+    if (key.size() < 7 || key.compare(key.size() - 7, 7, ".weight") != 0) continue;
+    auto wb = fb.tensor(key, torch::kFloat32), wt = ft.tensor(key, torch::kFloat32);
+    if (!torch::allclose(wt, wb, 1e-5, 1e-8)) c.delta[key] = (wt - wb).to(torch::kFloat64);
+  }
+  return c;
+}
+
+TEST(ExtractStreaming, SameTensorsAsTheLayerFitsAndExactReportedErrors) {
+  const std::string dir = test::temp_dir("extract_stream");
+  auto c = stream_case(dir);
+  ASSERT_EQ(c.delta.size(), 4u);  // a.lin, b.conv, d.tiny (|Δ| = 1 > 1e-8 + 1e-5·1025), f.norm
+  ExtractOptions o = fp32({});
+  o.linear_param = 3, o.conv_param = 2;
+  auto report = extract(c.base, c.tuned, dir + "/out.safetensors", o);
+  EXPECT_EQ(report.unchanged, 2u);  // c.same, e.zero
+  EXPECT_EQ(report.skipped, 1u);    // the norm (not in full mode)
+  auto out = io::SafetensorsFile::open(dir + "/out.safetensors");
+  auto got = file_deltas(dir + "/out.safetensors", c.base);
+  for (const auto& l : report.layers) {
+    if (l.form == "skipped") continue;
+    SCOPED_TRACE(l.key);
+    const auto& D = c.delta.at(l.key);
+    // the written tensors are exactly those of the layer-level rule on D (the non-streaming path)
+    auto fit = extract_layer(D.to(torch::kFloat32), {}, o);
+    for (const auto& [suffix, t] : fit.tensors) {
+      auto stored = out.tensor(l.module + "." + suffix, torch::kFloat32);
+      EXPECT_TRUE(torch::equal(stored, t.to(torch::kFloat32).reshape(stored.sizes()))) << suffix;
+    }
+    // the reported error is the error of the file, as an independent loader reads it
+    const double err = (got.at(l.key) - D).norm().item<double>() / D.norm().item<double>();
+    EXPECT_NEAR(l.rel_error, err, 1e-5 * err + 1e-6);
+  }
+  // fp16 output: the error is that of the rounded factors
+  o.dtype = torch::kFloat16;
+  report = extract(c.base, c.tuned, dir + "/half.safetensors", o);
+  got = file_deltas(dir + "/half.safetensors", c.base);
+  for (const auto& l : report.layers) {
+    // (d.tiny: the loader's W + ΔW − W at |W| = 1024 rounds ΔW to 2⁻¹³ in fp32 — not the file's error)
+    if (l.form == "skipped" || l.key == "d.tiny.weight") continue;
+    const auto& D = c.delta.at(l.key);
+    const double err = (got.at(l.key) - D).norm().item<double>() / D.norm().item<double>();
+    EXPECT_NEAR(l.rel_error, err, 1e-4 * err + 1e-6) << l.key;
+  }
+  o.dtype = torch::kFloat32;
+  // full mode: differences, diff_b and the norm as w_norm, each exactly tuned − base
+  o.mode = RankMode::Full;
+  report = extract(c.base, c.tuned, dir + "/full.safetensors", o);
+  auto full = io::SafetensorsFile::open(dir + "/full.safetensors");
+  EXPECT_TRUE(torch::equal(full.tensor("lycoris_a_lin.diff", torch::kFloat64), c.delta.at("a.lin.weight")));
+  EXPECT_TRUE(torch::equal(full.tensor("lycoris_f_norm.w_norm", torch::kFloat64), c.delta.at("f.norm.weight")));
+  auto fb = io::SafetensorsFile::open(c.base), ft = io::SafetensorsFile::open(c.tuned);
+  EXPECT_TRUE(torch::equal(full.tensor("lycoris_a_lin.diff_b", torch::kFloat32),
+                           ft.tensor("a.lin.bias", torch::kFloat32) - fb.tensor("a.lin.bias", torch::kFloat32)));
+  EXPECT_EQ(report.unchanged, 2u);
+  for (const auto& l : report.layers) EXPECT_LT(l.rel_error, 1e-7) << l.key;
+}
+
+TEST(ExtractStreaming, GramSingularValuesMatchTheSvd) {
+  torch::manual_seed(8);
+  std::vector<double> s;
+  for (int i = 0; i < 40; ++i) s.push_back(10 * std::pow(0.7, i));
+  for (auto [m, n] : {std::pair<int64_t, int64_t>{60, 500}, {500, 60}}) {
+    auto M = with_singular_values(m, n, s, torch::kFloat32);
+    auto g = F::singular_values_gram(M);
+    ASSERT_EQ(g.size(0), 60);
+    // absolute accuracy ~1e-8·σ_1 in fp64, then fp32 rounding of each value
+    EXPECT_TRUE(test::all_close(g.narrow(0, 0, 40).to(torch::kFloat64), torch::tensor(s, torch::kFloat64), 1e-6,
+                                1e-6, "σ"));
+    EXPECT_LT(g.narrow(0, 40, 20).abs().max().item<double>(), 1e-5);
+  }
+}
+
 // ---------------------------------------------------------------- errors
 
 TEST(ExtractErrors, BadInputsAndOptions) {

@@ -56,6 +56,20 @@ SVD svd_full(const torch::Tensor& M) {
 
 torch::Tensor singular_values(const torch::Tensor& M) { return torch::linalg_svdvals(as_compute(M, "singular_values")); }
 
+torch::Tensor singular_values_gram(const torch::Tensor& M) {
+  auto m = as_compute(M, "singular_values_gram");
+  if (m.size(0) > m.size(1)) m = m.t();  // wide: the Gram matrix of the rows is the small one
+  const int64_t rows = m.size(0), cols = m.size(1);
+  auto G = torch::zeros({rows, rows}, m.options().dtype(torch::kFloat64));
+  const int64_t block = std::max<int64_t>(64, (int64_t{1} << 21) / std::max<int64_t>(rows, 1));
+  for (int64_t c = 0; c < cols; c += block) {
+    auto b = m.narrow(1, c, std::min(block, cols - c)).to(torch::kFloat64);
+    G.addmm_(b, b.t());
+  }
+  // eigvalsh: ascending, tiny negative values are round-off of zeros
+  return torch::linalg_eigvalsh(G).flip(0).clamp_min(0).sqrt().to(m.scalar_type());
+}
+
 SVD svd_randomized(const torch::Tensor& M, int64_t k, const RandomizedOptions& options) {
   auto m = as_compute(M, "svd_randomized");
   check_rank(m, k, "svd_randomized");

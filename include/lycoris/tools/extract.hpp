@@ -75,7 +75,8 @@ struct ExtractOptions {
   int threads = 0;                            // torch intra-op threads; 0 = leave as is
   functional::SVDMethod svd = functional::SVDMethod::Auto;  // top-r factors: auto picks randomized for small r
   functional::RandomizedOptions randomized;
-  int64_t loha_iters = 20;   // ALS sweeps (stops early when the error stalls)
+  int64_t loha_iters = 20;   // ALS sweeps at most
+  double loha_tol = 1e-3;    // …stopping when a sweep lowers ‖D − ΔW‖² by less than this fraction
   int64_t lokr_factor = -1;  // factorization bound for the Kronecker split (-1: most balanced)
 };
 
