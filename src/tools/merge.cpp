@@ -493,7 +493,13 @@ bool merge_tensor(const torch::Tensor& x, const torch::Tensor& out, const std::v
         std::vector<torch::Tensor> sums(static_cast<size_t>(workers));  // per worker: no lock, no race
         ChunkWorkers::instance().run(chunks, workers, [&](int64_t c, int worker) {
           const int64_t r0 = c * rows, r1 = std::min(O, r0 + rows);
-          auto W = x2.narrow(0, r0, r1 - r0).to(compute, /*non_blocking=*/false, /*copy=*/true);
+          // the fp32 rows in a buffer of this (persistent) worker: no allocation, no fresh pages per chunk
+          thread_local torch::Tensor buffer;
+          const int64_t n = (r1 - r0) * cols;
+          if (!buffer.defined() || buffer.scalar_type() != compute || buffer.numel() < n)
+            buffer = torch::empty({std::max(n, kChunkElements)}, x.options().dtype(compute));
+          auto W = buffer.narrow(0, 0, n).view({r1 - r0, cols});
+          W.copy_(x2.narrow(0, r0, r1 - r0));
           for (size_t i = 0; i < upto; ++i) kernels[i].apply(W, r0, r1);
           if (!last) {
             kernels[upto].add(W, r0, r1);
