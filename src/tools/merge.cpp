@@ -209,8 +209,10 @@ struct RowKernel {
 
 bool is_a(const AdapterImpl& a, const std::type_info& t) { return typeid(a) == t; }
 
-// Σ V² per column of the rows V, in fp64 (a chunk's share of the column norms of DoRA's V).
-torch::Tensor column_sums(const torch::Tensor& V) { return V.square().sum(0, false, torch::kFloat64); }
+// Σ V² per column of the rows V (a chunk's share of the column norms of DoRA's V): summed in V's dtype
+// (as the reference's norm does; a sum with dtype=fp64 converts every element first, 4× slower) and
+// returned in fp64, in which the chunks' shares accumulate.
+torch::Tensor column_sums(const torch::Tensor& V) { return V.square().sum(0).to(torch::kFloat64); }
 
 // W += m·ΔW for an additive low-rank module whose factors are already in W's dtype and device (else
 // nullopt: the caller uses apply_weight and gets the reference's rounding).
