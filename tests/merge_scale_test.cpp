@@ -286,6 +286,32 @@ TEST(MergeScaleDoraIA3, NonFiniteDetected) {
     }
 }
 
+// The chunk conversions (fp16 ↔ fp32, vectorised where the CPU can) round exactly as torch does: an
+// identity step ((IA)^3 with v = 0) must give x.to(dtype) bit for bit, over normal, subnormal, tie and
+// near-overflow values.
+TEST(MergeScaleDoraIA3, ConversionsRoundAsTorch) {
+  torch::manual_seed(15);
+  torch::NoGradGuard g;
+  auto layer = LayerSpec::linear(512, 384);
+  auto a = lycoris::find_algorithm("ia3").create(layer, AdapterOptions().algo("ia3"));
+  a->eval();
+  auto x = torch::randn({384, 512}) * torch::pow(10.0, torch::rand({384, 512}) * 13 - 9);  // 1e-9 … 1e4
+  x.view({-1}).narrow(0, 0, 64).copy_(torch::arange(64) * (1.0 / (1 << 24)) + 1.0 / (1 << 11));  // ties
+  x[5][7] = 65504;
+  x[5][8] = -65519;  // rounds to the largest half
+  std::vector<MergeStep> steps{{a.get(), 0.7, false}};
+  auto out16 = torch::empty(x.sizes(), torch::kFloat16);
+  ASSERT_TRUE(merge_tensor(x, out16, steps));
+  EXPECT_TRUE(torch::equal(out16, x.to(torch::kFloat16))) << "fp32 → fp16 rounding differs from torch's";
+  auto x16 = x.to(torch::kFloat16);
+  auto out32 = torch::empty(x.sizes(), torch::kFloat32);
+  ASSERT_TRUE(merge_tensor(x16, out32, steps));
+  EXPECT_TRUE(torch::equal(out32, x16.to(torch::kFloat32))) << "fp16 → fp32 differs from torch's";
+  auto outbf = torch::empty(x.sizes(), torch::kBFloat16);
+  ASSERT_TRUE(merge_tensor(x16, outbf, steps));
+  EXPECT_TRUE(torch::equal(outbf, x16.to(torch::kFloat32).to(torch::kBFloat16)));
+}
+
 // Through tools::merge: the NaN produced by a DoRA / (IA)^3 module is reported naming the tensor and module.
 TEST(MergeScaleDoraIA3, NaNNamesTheModule) {
   torch::manual_seed(14);
