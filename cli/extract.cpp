@@ -2,7 +2,7 @@
 //                   [--linear-dim N] [--conv-dim N] [--linear-threshold X] [--conv-threshold X] [--linear-ratio X]
 //                   [--conv-ratio X] [--linear-quantile X] [--conv-quantile X] [--use-sparse-bias] [--sparsity S]
 //                   [--tucker] [--prefix lycoris|kohya|P] [--dtype fp16|bf16|fp32] [--svd auto|full|randomized]
-//                   [--loha-iters N] [--factor F] [--device D] [--threads N] [-q]`
+//                   [--loha-iters N] [--loha-tol X] [--factor F] [--device D] [--threads N] [-q]`
 // Defaults follow tools/extract_locon.py (dims 1, thresholds/ratios 0, quantiles 1, sparsity 0.98, fp16).
 #ifdef __GLIBC__
 #include <malloc.h>
@@ -21,7 +21,8 @@ void register_extract(CLI::App& app) {
   struct Args {
     std::string base, tuned, output, algo = "locon", mode = "fixed", prefix = "lycoris", dtype = "fp16";
     std::string device = "cpu", svd = "auto";
-    int64_t linear_dim = 1, conv_dim = 1, loha_iters = 20, factor = -1;
+    int64_t linear_dim = 1, conv_dim = 1, loha_iters = 10, factor = -1;
+    double loha_tol = 1e-2;
     double linear_threshold = 0, conv_threshold = 0, linear_ratio = 0, conv_ratio = 0;
     double linear_quantile = 1, conv_quantile = 1, sparsity = 0.98;
     bool sparse_bias = false, tucker = false, quiet = false;
@@ -52,10 +53,13 @@ void register_extract(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--dtype", args->dtype, "output float dtype: fp16 | bf16 | fp32")->capture_default_str();
   cmd->add_option("--svd", args->svd, "top-r SVD: auto | full | randomized")->capture_default_str();
-  cmd->add_option("--loha-iters", args->loha_iters, "LoHa: alternating least-squares sweeps")->capture_default_str();
+  cmd->add_option("--loha-iters", args->loha_iters, "LoHa: alternating least-squares sweeps at most")
+      ->capture_default_str();
+  cmd->add_option("--loha-tol", args->loha_tol, "LoHa: stop when a sweep lowers the squared error by less")
+      ->capture_default_str();
   cmd->add_option("--factor", args->factor, "LoKr: factorization bound (-1: balanced)")->capture_default_str();
   cmd->add_option("--device", args->device, "device for the SVDs (cpu, cuda, …)")->capture_default_str();
-  cmd->add_option("--threads", args->threads, "torch threads (0: leave as is)");
+  cmd->add_option("--threads", args->threads, "layers in flight, one thread each (0: torch's thread count)");
   cmd->add_flag("-q,--quiet", args->quiet, "only the summary line");
   cmd->callback([args] {
     auto& a = *args;
@@ -87,6 +91,7 @@ void register_extract(CLI::App& app) {
     else throw OptionError("--dtype: unknown dtype '" + a.dtype + "' (fp16, bf16, fp32)");
     o.svd = functional::parse_svd_method(a.svd);
     o.loha_iters = a.loha_iters;
+    o.loha_tol = a.loha_tol;
     o.lokr_factor = a.factor;
     try {
       o.device = torch::Device(a.device);

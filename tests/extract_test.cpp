@@ -271,7 +271,7 @@ TEST(ExtractFits, LoHaNeverWorseThanLoConAtRankAndFitsHadamardTargets) {
   // the documented limit of the ALS fit)
   auto H = torch::randn({24, 3}).matmul(torch::randn({3, 40})) * torch::randn({24, 3}).matmul(torch::randn({3, 40}));
   ExtractOptions o;
-  o.loha_iters = 100;
+  o.loha_iters = 100, o.loha_tol = 1e-6;
   auto fit = fit_loha(H, 3, o);
   const double loha = (fit_delta(fit, H.sizes()) - H).norm().item<double>();
   EXPECT_LT(loha, 0.6 * tail_norm(H, 3));

@@ -4,12 +4,20 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/torch.h>
 
+#include <dlfcn.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
+#include <exception>
+#include <mutex>
+#include <optional>
+#include <thread>
 #include <nlohmann/json.hpp>
 #include <set>
 
@@ -465,6 +473,7 @@ void validate(const ExtractOptions& o) {
     throw OptionError("--sparsity: " + std::to_string(o.sparsity) + " is outside [0, 1]");
   if (!torch::isFloatingType(o.dtype)) throw OptionError("extract: the output dtype must be a floating-point type");
   if (o.loha_iters < 0) throw OptionError("--loha-iters: must be ≥ 0");
+  if (!(o.loha_tol >= 0)) throw OptionError("--loha-tol: must be ≥ 0");
   if (o.prefix.empty()) throw OptionError("--prefix: must not be empty");
   if (o.threads < 0) throw OptionError("--threads: must be ≥ 0");
 }
@@ -586,23 +595,117 @@ double residual_norm(const torch::Tensor& D, const LayerFit& fit) {
   return approx.sub_(D).norm().item<double>();
 }
 
+// The result of one layer, produced by a worker and consumed in base order.
+struct LayerOutcome {
+  enum Kind { Unchanged, Skipped, Extracted } kind = Unchanged;
+  ExtractLayerReport report;
+  std::vector<std::pair<std::string, torch::Tensor>> stored;  // suffix → CPU tensor (output dtype)
+  std::vector<std::pair<std::string, std::string>> deferred;  // suffix → key whose tuned − base is written
+  io::DType deferred_dtype{};
+  std::vector<std::vector<int64_t>> deferred_shapes;
+  double err = 0;
+};
+
+LayerOutcome process_layer(const naming::BaseLayer& layer, const io::SafetensorsFile& base,
+                           const io::SafetensorsFile& tuned, const ExtractOptions& o, Workspace& ws) {
+  LayerOutcome out;
+  const auto lt0 = Clock::now();
+  const auto& bi = base.info(layer.weight_key);
+  const auto& ti = tuned.info(layer.weight_key);
+  auto done_with_inputs = [&] {
+    for (const auto* key : {&layer.weight_key, &layer.bias_key})
+      if (!key->empty()) release_pages(base, *key), release_pages(tuned, *key);
+  };
+  // byte-identical weights (most unchanged layers) need no arithmetic at all
+  if (bi.dtype == ti.dtype && bi.nbytes() == ti.nbytes() &&
+      std::memcmp(base.data(bi), tuned.data(ti), bi.nbytes()) == 0) {
+    done_with_inputs();
+    return out;
+  }
+  auto D = difference(base, tuned, layer.weight_key, o.device, ws.take(bi.shape, o.device));
+  if (unchanged(D, base, tuned, layer.weight_key)) {
+    done_with_inputs();
+    return out;
+  }
+  torch::Tensor bias_delta;
+  if (!layer.bias_key.empty()) bias_delta = difference(base, tuned, layer.bias_key, o.device);
+  done_with_inputs();
+
+  auto& lr = out.report;
+  lr.module = extract_module_name(o.prefix, layer.path);
+  lr.key = layer.weight_key;
+  lr.shape = bi.shape;
+  lr.delta_norm = D.norm().item<double>();
+  if (D.dim() > 5 || (D.dim() == 1 && o.mode != RankMode::Full)) {
+    out.kind = LayerOutcome::Skipped;
+    lr.form = "skipped";
+    lr.note = D.dim() == 1 ? "1-D (norm) layers are extracted only in full mode"
+                           : "weights with more than 5 dims are not Linear/Conv layers";
+    return out;
+  }
+  LayerFit fit;
+  if (D.dim() == 1) {
+    fit.form = "norm";
+    fit.tensors = {{"w_norm", D}};
+    if (bias_delta.defined()) fit.tensors.emplace_back("b_norm", bias_delta);
+  } else {
+    fit = extract_layer(D, bias_delta, o);
+  }
+  // what the file will hold: floats in the output dtype
+  for (auto& [suffix, t] : fit.tensors)
+    if (torch::isFloatingType(t.scalar_type())) t = t.to(o.dtype);
+  out.kind = LayerOutcome::Extracted;
+  out.err = residual_norm(D, fit);
+  lr.form = fit.form;
+  lr.rank = fit.rank;
+  lr.note = fit.note;
+  lr.rel_error = lr.delta_norm > 0 ? out.err / lr.delta_norm : 0;
+  const bool deferred = fit.form == "diff" || fit.form == "norm";
+  for (auto& [suffix, t] : fit.tensors) {
+    if (deferred) {
+      // recomputed from the mapped files while writing: tuned − base of the weight or of the bias
+      const bool is_bias = suffix == "diff_b" || suffix == "b_norm";
+      out.deferred.emplace_back(suffix, is_bias ? layer.bias_key : layer.weight_key);
+      out.deferred_dtype = io::from_torch(t.scalar_type());
+      out.deferred_shapes.push_back(t.sizes().vec());
+    } else {
+      auto c = t.to(torch::kCPU).contiguous();
+      out.stored.emplace_back(suffix, c.is_alias_of(D) ? c.clone() : c);  // D is the reused buffer
+    }
+  }
+  lr.seconds = std::chrono::duration<double>(Clock::now() - lt0).count();
+  return out;
+}
+
+// OpenBLAS keeps its own thread pool; with layer-parallel workers each BLAS call runs in its caller's thread
+// (otherwise the OpenMP and OpenBLAS pools spin against each other on the same cores). Looked up at run time:
+// absent with other BLAS builds.
+struct BlasThreads {
+  using Set = void (*)(int);
+  using Get = int (*)();
+  Set set = reinterpret_cast<Set>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"));
+  Get get = reinterpret_cast<Get>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
+  int saved = get ? get() : 0;
+  explicit BlasThreads(int n) {
+    if (set && get) set(n);
+  }
+  ~BlasThreads() {
+    if (set && get) set(saved);
+  }
+};
+
 }  // namespace
 
 ExtractReport extract(const std::string& base_path, const std::string& tuned_path, const std::string& output,
                       const ExtractOptions& o, const std::function<void(const ExtractLayerReport&)>& on_layer) {
   const auto t0 = Clock::now();
   validate(o);
-  if (o.threads > 0) at::set_num_threads(o.threads);
   auto base = io::SafetensorsFile::open(base_path);
   auto tuned = io::SafetensorsFile::open(tuned_path);
   check_same_keys(base, tuned);
 
-  ExtractReport report;
-  std::vector<Entry> entries;
-  std::set<std::string> names;
-  double err2 = 0, norm2 = 0;
-  torch::NoGradGuard no_grad;
-  Workspace ws;
+  // header-only checks first, so that a bad pair fails before any arithmetic
+  std::vector<naming::BaseLayer> layers;
   for (const auto& layer : naming::base_layers(base.names())) {
     const auto& bi = base.info(layer.weight_key);
     const auto& ti = tuned.info(layer.weight_key);
@@ -612,87 +715,90 @@ ExtractReport extract(const std::string& base_path, const std::string& tuned_pat
     if (!torch::isFloatingType(io::to_torch(bi.dtype)) || !torch::isFloatingType(io::to_torch(ti.dtype))) continue;
     if (!layer.bias_key.empty() && base.info(layer.bias_key).shape != tuned.info(layer.bias_key).shape)
       throw ShapeError("extract: '" + layer.bias_key + "' has different shapes in the two checkpoints");
-    const auto lt0 = Clock::now();
-    auto done_with_inputs = [&] {
-      for (const auto* key : {&layer.weight_key, &layer.bias_key})
-        if (!key->empty()) release_pages(base, *key), release_pages(tuned, *key);
-    };
-    // byte-identical weights (most unchanged layers) need no arithmetic at all
-    if (bi.dtype == ti.dtype && bi.nbytes() == ti.nbytes() &&
-        std::memcmp(base.data(bi), tuned.data(ti), bi.nbytes()) == 0) {
-      ++report.unchanged;
-      done_with_inputs();
-      continue;
-    }
-    auto D = difference(base, tuned, layer.weight_key, o.device, ws.take(bi.shape, o.device));
-    if (unchanged(D, base, tuned, layer.weight_key)) {
-      ++report.unchanged;
-      done_with_inputs();
-      continue;
-    }
-    torch::Tensor bias_delta;
-    if (!layer.bias_key.empty()) bias_delta = difference(base, tuned, layer.bias_key, o.device);
-    done_with_inputs();
+    layers.push_back(layer);
+  }
 
-    ExtractLayerReport lr;
-    lr.module = extract_module_name(o.prefix, layer.path);
-    lr.key = layer.weight_key;
-    lr.shape = bi.shape;
-    lr.delta_norm = D.norm().item<double>();
-    LayerFit fit;
-    if (D.dim() == 1) {
-      if (o.mode != RankMode::Full) {
-        lr.form = "skipped";
-        lr.note = "1-D (norm) layers are extracted only in full mode";
-        ++report.skipped;
-        report.layers.push_back(lr);
-        if (on_layer) on_layer(lr);
-        continue;
+  // Layer-parallel: `workers` layers in flight, each single-threaded (intra-op and BLAS), results consumed in
+  // base order. Small per-layer operations (QR of thin sketches, small SVDs, ALS solves) do not scale
+  // across threads; independent layers do.
+  const int workers = static_cast<int>(
+      std::clamp<int64_t>(o.threads > 0 ? o.threads : at::get_num_threads(), 1, std::max<size_t>(layers.size(), 1)));
+  const int saved_threads = at::get_num_threads();
+  at::set_num_threads(1);
+  BlasThreads blas(1);
+  std::vector<std::optional<LayerOutcome>> results(layers.size());
+  std::vector<std::exception_ptr> failures(layers.size());
+  std::mutex mu;
+  std::condition_variable ready;
+  std::atomic<size_t> next{0};
+  std::atomic<bool> stop{false};
+  auto work = [&] {
+    torch::NoGradGuard no_grad;
+    Workspace ws;
+    for (size_t i; !stop && (i = next++) < layers.size();) {
+      std::optional<LayerOutcome> r;
+      std::exception_ptr failure;
+      try {
+        r = process_layer(layers[i], base, tuned, o, ws);
+      } catch (...) {
+        failure = std::current_exception();
       }
-      fit.form = "norm";
-      fit.tensors = {{"w_norm", D}};
-      if (bias_delta.defined()) fit.tensors.emplace_back("b_norm", bias_delta);
-    } else if (D.dim() > 5) {
-      lr.form = "skipped";
-      lr.note = "weights with more than 5 dims are not Linear/Conv layers";
-      ++report.skipped;
-      report.layers.push_back(lr);
-      if (on_layer) on_layer(lr);
+      std::lock_guard<std::mutex> lock(mu);
+      results[i] = std::move(r);
+      failures[i] = failure;
+      ready.notify_all();
+    }
+  };
+  std::vector<std::thread> pool;
+  struct Joiner {  // on every exit path: stop the workers, join them, restore the thread counts
+    std::vector<std::thread>& pool;
+    std::atomic<bool>& stop;
+    int threads;
+    ~Joiner() {
+      stop = true;
+      for (auto& t : pool) t.join();
+      if (at::get_num_threads() != threads) at::set_num_threads(threads);
+    }
+  } joiner{pool, stop, saved_threads};
+  for (int w = 0; w < workers; ++w) pool.emplace_back(work);
+
+  ExtractReport report;
+  std::vector<Entry> entries;
+  std::set<std::string> names;
+  double err2 = 0, norm2 = 0;
+  for (size_t i = 0; i < layers.size(); ++i) {
+    LayerOutcome r;
+    {
+      std::unique_lock<std::mutex> lock(mu);
+      ready.wait(lock, [&] { return results[i].has_value() || failures[i]; });
+      if (failures[i]) std::rethrow_exception(failures[i]);
+      r = std::move(*results[i]);
+      results[i].reset();
+    }
+    if (r.kind == LayerOutcome::Unchanged) {
+      ++report.unchanged;
       continue;
+    }
+    auto& lr = r.report;
+    if (r.kind == LayerOutcome::Skipped) {
+      ++report.skipped;
     } else {
-      fit = extract_layer(D, bias_delta, o);
-    }
-    if (!names.insert(lr.module).second)
-      throw KeyError("extract: two layers map to the module name '" + lr.module + "' (colliding paths)");
-    // what the file will hold: floats in the output dtype
-    for (auto& [suffix, t] : fit.tensors)
-      if (torch::isFloatingType(t.scalar_type())) t = t.to(o.dtype);
-    const double e = residual_norm(D, fit);
-    lr.form = fit.form;
-    lr.rank = fit.rank;
-    lr.note = fit.note;
-    lr.rel_error = lr.delta_norm > 0 ? e / lr.delta_norm : 0;
-    err2 += e * e;
-    norm2 += lr.delta_norm * lr.delta_norm;
-    const bool deferred = fit.form == "diff" || fit.form == "norm";
-    for (auto& [suffix, t] : fit.tensors) {
-      Entry entry{lr.module + "." + suffix, io::from_torch(t.scalar_type()), t.sizes().vec(), {}, {}};
-      if (deferred) {
-        // recomputed from the mapped files while writing: tuned − base of the weight or of the bias
-        const bool is_bias = suffix == "diff_b" || suffix == "b_norm";
-        const std::string key = is_bias ? layer.bias_key : layer.weight_key;
-        entry.produce = [&base, &tuned, key, dtype = o.dtype] {
-          auto t = difference(base, tuned, key, torch::kCPU).to(dtype);
-          release_pages(base, key), release_pages(tuned, key);
-          return t;
-        };
-      } else {
-        entry.tensor = t.to(torch::kCPU).contiguous();
-        if (entry.tensor.is_alias_of(D)) entry.tensor = entry.tensor.clone();  // D is the reused buffer
+      if (!names.insert(lr.module).second)
+        throw KeyError("extract: two layers map to the module name '" + lr.module + "' (colliding paths)");
+      err2 += r.err * r.err;
+      norm2 += lr.delta_norm * lr.delta_norm;
+      for (auto& [suffix, t] : r.stored)
+        entries.push_back({lr.module + "." + suffix, io::from_torch(t.scalar_type()), t.sizes().vec(), t, {}});
+      for (size_t k = 0; k < r.deferred.size(); ++k) {
+        const std::string key = r.deferred[k].second;
+        entries.push_back({lr.module + "." + r.deferred[k].first, r.deferred_dtype, r.deferred_shapes[k], {},
+                           [&base, &tuned, key, dtype = o.dtype] {
+                             auto t = difference(base, tuned, key, torch::kCPU).to(dtype);
+                             release_pages(base, key), release_pages(tuned, key);
+                             return t;
+                           }});
       }
-      entries.push_back(std::move(entry));
     }
-    lr.seconds = std::chrono::duration<double>(Clock::now() - lt0).count();
     report.layers.push_back(lr);
     if (on_layer) on_layer(lr);
   }

@@ -22,8 +22,9 @@
 //   quantile #{i : σ_1 + … + σ_i < p·Σσ} (strict, 0 ≤ p ≤ 1);  full: every changed layer as diff/diff_b,
 //   norm layers (1-D weights) as w_norm/b_norm (other modes skip norms, as the reference).
 // For LoKr the rule applies to the singular values of the unconstrained W2 (p, q·k).
-// Streaming: one layer pair at a time from the memory-mapped inputs; only the (small) factors are kept,
-// full differences are recomputed while writing; the output is written atomically (SafetensorsWriter).
+// Streaming: one layer pair per worker at a time from the memory-mapped inputs (pages released after each
+// layer, D in a reused buffer); only the (small) factors are kept, full differences are recomputed while
+// writing; the output is written atomically (SafetensorsWriter).
 #pragma once
 #include <torch/types.h>
 
@@ -72,11 +73,11 @@ struct ExtractOptions {
   std::string prefix = "lycoris";
   torch::ScalarType dtype = torch::kFloat16;  // float outputs (the reference writes fp16)
   torch::Device device = torch::kCPU;         // where the SVDs run
-  int threads = 0;                            // torch intra-op threads; 0 = leave as is
+  int threads = 0;  // layers in flight, each on one thread (intra-op and BLAS); 0 = torch's thread count
   functional::SVDMethod svd = functional::SVDMethod::Auto;  // top-r factors: auto picks randomized for small r
   functional::RandomizedOptions randomized;
-  int64_t loha_iters = 20;   // ALS sweeps at most
-  double loha_tol = 1e-3;    // …stopping when a sweep lowers ‖D − ΔW‖² by less than this fraction
+  int64_t loha_iters = 10;   // ALS sweeps at most
+  double loha_tol = 1e-2;    // …stopping when a sweep lowers ‖D − ΔW‖² by less than this fraction
   int64_t lokr_factor = -1;  // factorization bound for the Kronecker split (-1: most balanced)
 };
 
