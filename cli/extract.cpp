@@ -4,10 +4,6 @@
 //                   [--tucker] [--prefix lycoris|kohya|P] [--dtype fp16|bf16|fp32] [--svd auto|full|randomized]
 //                   [--loha-iters N] [--loha-tol X] [--factor F] [--device D] [--threads N] [-q]`
 // Defaults follow tools/extract_locon.py (dims 1, thresholds/ratios 0, quantiles 1, sparsity 0.98, fp16).
-#ifdef __GLIBC__
-#include <malloc.h>
-#endif
-
 #include <cstdio>
 #include <memory>
 
@@ -63,12 +59,6 @@ void register_extract(CLI::App& app) {
   cmd->add_flag("-q,--quiet", args->quiet, "only the summary line");
   cmd->callback([args] {
     auto& a = *args;
-#ifdef __GLIBC__
-    // Per-layer temporaries are tens of MB: keep freed memory in the heap instead of fresh mmaps (page
-    // faults again for every layer, as cli/merge.cpp measured).
-    mallopt(M_MMAP_MAX, 0);
-    mallopt(M_TRIM_THRESHOLD, 1 << 30);
-#endif
     tools::ExtractOptions o;
     o.algo = tools::parse_extract_algo(a.algo);
     o.mode = tools::parse_rank_mode(a.mode);

@@ -294,7 +294,7 @@ LayerFit fit_loha(const torch::Tensor& D_, int64_t rank, const ExtractOptions& o
   const int64_t N = M.size(1);
   const double m2 = M.square().sum().item<double>();
   auto error2 = [&](const torch::Tensor& P1, const torch::Tensor& P2) {
-    return (M - P1 * P2).square().sum().item<double>();
+    return std::pow(torch::addcmul(M, P1, P2, -1).norm().item<double>(), 2);  // one temporary
   };
   auto gen = at::detail::createCPUGenerator(o.randomized.seed);
   auto randn = [&](int64_t r, int64_t c) {
