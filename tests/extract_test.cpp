@@ -407,6 +407,17 @@ TEST(ExtractStreaming, SameTensorsAsTheLayerFitsAndExactReportedErrors) {
     EXPECT_NEAR(l.rel_error, err, 1e-4 * err + 1e-6) << l.key;
   }
   o.dtype = torch::kFloat32;
+  // LoKr: the reported error (computed blockwise, without a rebuild) is the file's error
+  o.algo = ExtractAlgo::LoKr, o.linear_param = 2, o.conv_param = 2;
+  report = extract(c.base, c.tuned, dir + "/kron.safetensors", o);
+  got = file_deltas(dir + "/kron.safetensors", c.base);
+  for (const auto& l : report.layers) {
+    if (l.form == "skipped" || l.key == "d.tiny.weight") continue;
+    const auto& D = c.delta.at(l.key);
+    const double err = (got.at(l.key) - D).norm().item<double>() / D.norm().item<double>();
+    EXPECT_NEAR(l.rel_error, err, 1e-5 * err + 1e-6) << l.key;
+  }
+  o.algo = ExtractAlgo::LoCon, o.linear_param = 3, o.conv_param = 2;
   // full mode: differences, diff_b and the norm as w_norm, each exactly tuned − base
   o.mode = RankMode::Full;
   report = extract(c.base, c.tuned, dir + "/full.safetensors", o);

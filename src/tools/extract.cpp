@@ -590,6 +590,33 @@ double residual_norm(const torch::Tensor& D, const LayerFit& fit) {
     }
     return std::sqrt(e2);
   }
+  if (fit.form == "lokr" || fit.form == "lokr(full w2)") {
+    // ‖D − s·W1⊗W2‖² = ‖D‖² − 2s·Σ_uv W1[u,v]·⟨D_uv, W2⟩ + s²‖W1‖²‖W2‖² over the (p, q·k) blocks D_uv, one row
+    // block u at a time in fp64 (no rearranged copy of D, no rebuild; fp64 keeps the difference exact enough)
+    const auto f64 = torch::kFloat64;
+    auto w1 = m.at("lokr_w1").to(f64);
+    torch::Tensor w2;
+    double scale = 1;
+    if (m.count("lokr_w2")) {
+      w2 = m.at("lokr_w2").to(f64);
+    } else {
+      auto a = m.at("lokr_w2_a").to(f64);
+      w2 = a.matmul(m.at("lokr_w2_b").to(f64).reshape({a.size(1), -1}));
+      scale = F::scalar_value(m.at("alpha"), "extract", "alpha") / static_cast<double>(a.size(1));
+    }
+    const int64_t A = w1.size(0), C = w1.size(1), P = D.size(0) / A;
+    w2 = w2.reshape({P, -1});
+    auto blocks = D.reshape({A, P, C, w2.size(1)});
+    double d2 = 0, cross = 0;
+    for (int64_t u = 0; u < A; ++u) {
+      auto Du = blocks.select(0, u).to(f64);  // (p, c, q·k)
+      d2 += Du.square().sum().item<double>();
+      cross += torch::einsum("pcn,pn->c", {Du, w2}).dot(w1.select(0, u)).item<double>();
+    }
+    const double e2 = d2 - 2 * scale * cross + scale * scale * w1.square().sum().item<double>() *
+                                                   w2.square().sum().item<double>();
+    return std::sqrt(std::max(e2, 0.0));
+  }
   auto approx = fit_delta(fit, D.sizes()).to(D.scalar_type());
   if (approx.is_alias_of(D)) return (approx - D).norm().item<double>();
   return approx.sub_(D).norm().item<double>();
