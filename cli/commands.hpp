@@ -4,6 +4,11 @@
 
 namespace lycoris::cli {
 
+// Thrown by a command that has already reported its errors: main exits with `code`, printing nothing.
+struct ExitCode {
+  int code;
+};
+
 void register_info(CLI::App& app);   // cli/info.cpp
 void register_merge(CLI::App& app);  // cli/merge.cpp
 void register_convert(CLI::App& app);  // cli/convert.cpp

@@ -57,7 +57,9 @@ std::string number_text(double v) {
   return os.str();
 }
 
-void run_info(const std::string& path, bool as_json) {
+// One file: its JSON object appended to `objects`, or its text section written to `os`.
+void run_info(const std::string& path, bool as_json, std::vector<nlohmann::ordered_json>& objects,
+              std::ostream& os) {
   const auto file = io::SafetensorsFile::open(path);
   uint64_t params = 0, bytes = 0;
   for (const auto& t : file.tensors()) {
@@ -92,11 +94,10 @@ void run_info(const std::string& path, bool as_json) {
       }
       j["algorithms"] = per_algo;
     }
-    std::cout << j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+    objects.push_back(std::move(j));
     return;
   }
 
-  std::ostream& os = std::cout;
   os << io::printable(path, 4096) << "\n";
   os << "tensors: " << file.tensors().size() << "  parameters: " << params << "  bytes: " << bytes
      << "  (file " << file.file_size() << " bytes)\n";
@@ -125,15 +126,41 @@ void run_info(const std::string& path, bool as_json) {
   os << "\n";
 }
 
+// Several files: each is described in turn (text sections separated by a blank line; with --json an
+// array of the objects, one object alone for a single file); a file that cannot be read gets its one
+// error line and the others go on; the exit status is 1 if any file failed.
+void run_info_all(const std::vector<std::string>& paths, bool as_json) {
+  std::vector<nlohmann::ordered_json> objects;
+  int failed = 0, described = 0;
+  for (size_t i = 0; i < paths.size(); ++i) {
+    try {
+      // the whole section is built before anything is printed: a failing file prints nothing
+      std::ostringstream section;
+      run_info(paths[i], as_json, objects, section);
+      std::cout << (described++ && !as_json ? "\n" : "") << section.str();
+    } catch (const std::exception& e) {
+      if (paths.size() == 1) throw;
+      std::cout << std::flush;
+      std::cerr << "lycoris: error: " << e.what() << "\n";
+      ++failed;
+    }
+  }
+  if (as_json && !objects.empty()) {
+    const auto out = paths.size() == 1 ? objects.front() : nlohmann::ordered_json(objects);
+    std::cout << out.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+  }
+  if (failed) throw ExitCode{1};
+}
+
 }  // namespace
 
 void register_info(CLI::App& app) {
-  auto* cmd = app.add_subcommand("info", "Show the tensors, metadata and adapter modules of a .safetensors file");
-  auto path = std::make_shared<std::string>();
+  auto* cmd = app.add_subcommand("info", "Show the tensors, metadata and adapter modules of .safetensors files");
+  auto paths = std::make_shared<std::vector<std::string>>();
   auto json = std::make_shared<bool>(false);
-  cmd->add_option("FILE", *path, "safetensors file")->required();
-  cmd->add_flag("--json", *json, "machine-readable output");
-  cmd->callback([path, json] { run_info(*path, *json); });
+  cmd->add_option("FILE", *paths, "safetensors file(s)")->required();
+  cmd->add_flag("--json", *json, "machine-readable output (an array of objects for several files)");
+  cmd->callback([paths, json] { run_info_all(*paths, *json); });
 }
 
 }  // namespace lycoris::cli

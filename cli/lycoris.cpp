@@ -21,6 +21,8 @@ int main(int argc, char** argv) {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
+  } catch (const lycoris::cli::ExitCode& e) {
+    return e.code;
   } catch (const lycoris::Error& e) {
     std::cerr << "lycoris: error: " << e.what() << "\n";
     return 1;

@@ -54,14 +54,23 @@ std::string algo_of(const std::string& cls) {
 TEST(Info, GoldenAdaptersJson) {
   const json man = manifest();
   ASSERT_EQ(man["cases"].size(), 30u);
+  // all files in one call (one torch program start instead of 30): a JSON array in argument order
+  std::string args;
+  for (const auto& c : man["cases"])
+    args += " '" + test::data_path("golden/" + c["name"].get<std::string>() + "/adapter.safetensors") + "'";
+  auto r = run_cli("info" + args + " --json");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.err, "");
+  const auto all = json::parse(r.out);
+  ASSERT_TRUE(all.is_array());
+  ASSERT_EQ(all.size(), man["cases"].size());
+  size_t index = 0;
   for (const auto& c : man["cases"]) {
     const std::string name = c["name"];
     SCOPED_TRACE(name);
     const std::string path = test::data_path("golden/" + name + "/adapter.safetensors");
-    auto r = run_cli("info '" + path + "' --json");
-    ASSERT_EQ(r.code, 0) << r.err;
-    EXPECT_EQ(r.err, "");
-    auto j = json::parse(r.out);
+    const auto& j = all[index++];
+    EXPECT_EQ(j["file"], path);
     auto file = io::SafetensorsFile::open(path);
     std::map<std::string, json> modules;
     for (const auto& m : j["modules"]) modules[m["name"]] = m;
@@ -101,19 +110,31 @@ TEST(Info, GoldenAdaptersJson) {
 TEST(Info, GoldenAdaptersText) {
   const json man = manifest();
   ASSERT_EQ(man["cases"].size(), 30u);
+  // all files in one call: one section per file, each starting with the file's path
+  std::string args;
+  for (const auto& c : man["cases"])
+    args += " '" + test::data_path("golden/" + c["name"].get<std::string>() + "/adapter.safetensors") + "'";
+  auto r = run_cli("info" + args);
+  ASSERT_EQ(r.code, 0) << r.err;
+  std::map<std::string, std::map<std::string, std::string>> sections;  // file → module → its table line
+  {
+    std::istringstream in(r.out);
+    std::string line, file;
+    bool in_modules = false;
+    while (std::getline(in, line)) {
+      if (line.size() > 12 && line.compare(line.size() - 12, 12, ".safetensors") == 0) {
+        file = line;
+        in_modules = false;
+      }
+      if (line.rfind("modules:", 0) == 0) in_modules = true;
+      if (in_modules && line.rfind("lycoris_", 0) == 0) sections[file][line.substr(0, line.find(' '))] = line;
+    }
+  }
+  EXPECT_EQ(sections.size(), man["cases"].size());
   for (const auto& c : man["cases"]) {
     const std::string name = c["name"];
     SCOPED_TRACE(name);
-    auto r = run_cli("info '" + test::data_path("golden/" + name + "/adapter.safetensors") + "'");
-    ASSERT_EQ(r.code, 0) << r.err;
-    std::map<std::string, std::string> line_of;  // module → its line in the modules table
-    std::istringstream in(r.out);
-    std::string line;
-    bool in_modules = false;
-    while (std::getline(in, line)) {
-      if (line.rfind("modules:", 0) == 0) in_modules = true;
-      if (in_modules && line.rfind("lycoris_", 0) == 0) line_of[line.substr(0, line.find(' '))] = line;
-    }
+    auto& line_of = sections[test::data_path("golden/" + name + "/adapter.safetensors")];
     for (const auto& m : c["modules"]) {
       const std::string lname = m["lycoris_name"];
       ASSERT_TRUE(line_of.count(lname)) << lname << "\n" << r.out;
@@ -156,27 +177,54 @@ TEST(Info, UnknownModulesListed) {
 
 TEST(Info, MalformedFilesOneStderrLine) {
   std::ifstream in(test::data_path("malformed/expected.tsv"));
-  std::string line;
-  size_t checked = 0;
+  std::string line, args;
+  std::vector<std::pair<std::string, std::string>> cases;  // path, expected message
   while (std::getline(in, line)) {
     auto tab = line.find('\t');
     const std::string file = line.substr(0, tab), expected = line.substr(tab + 1);
     if (expected == "OK" || file == "bool_bad_byte.safetensors") continue;  // data-level: info never reads it
-    const std::string path = test::data_path("malformed/" + file);
-    auto r = run_cli("info '" + path + "'");
-    EXPECT_NE(r.code, 0) << file;
-    EXPECT_EQ(r.out, "") << file;
-    ASSERT_FALSE(r.err.empty()) << file;
-    EXPECT_EQ(r.err.find('\n'), r.err.size() - 1) << file << ": " << r.err;  // exactly one line
-    EXPECT_NE(r.err.find(path), std::string::npos) << r.err;
-    EXPECT_NE(r.err.find(expected), std::string::npos) << r.err;
-    ++checked;
+    cases.emplace_back(test::data_path("malformed/" + file), expected);
+    args += " '" + cases.back().first + "'";
   }
-  EXPECT_GE(checked, 25u);
-  auto r = run_cli("info /nonexistent/x.safetensors");
+  ASSERT_GE(cases.size(), 25u);
+  // One file: non-zero exit, nothing on stdout, exactly one stderr line naming the file and the reason.
+  for (size_t i : {size_t(0), cases.size() / 2, cases.size() - 1}) {
+    auto r = run_cli("info '" + cases[i].first + "'");
+    EXPECT_NE(r.code, 0) << cases[i].first;
+    EXPECT_EQ(r.out, "") << cases[i].first;
+    ASSERT_FALSE(r.err.empty()) << cases[i].first;
+    EXPECT_EQ(r.err.find('\n'), r.err.size() - 1) << r.err;
+    EXPECT_NE(r.err.find(cases[i].first), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find(cases[i].second), std::string::npos) << r.err;
+  }
+  // Every file in one call: each gets its own line, in order, with its own reason; exit 1.
+  auto r = run_cli("info" + args);
+  EXPECT_EQ(r.code, 1);
+  EXPECT_EQ(r.out, "");
+  std::istringstream err(r.err);
+  for (const auto& [path, expected] : cases) {
+    ASSERT_TRUE(std::getline(err, line)) << "no line for " << path;
+    EXPECT_NE(line.find(path), std::string::npos) << line;
+    EXPECT_NE(line.find(expected), std::string::npos) << line;
+  }
+  EXPECT_FALSE(std::getline(err, line)) << "extra line: " << line;
+  r = run_cli("info /nonexistent/x.safetensors");
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.err.find("/nonexistent/x.safetensors"), std::string::npos);
   EXPECT_EQ(r.err.find('\n'), r.err.size() - 1);
+}
+
+// A bad file among good ones: the good ones are still described, the bad one gets its line, exit 1.
+TEST(Info, MixedGoodAndBadFiles) {
+  const std::string good = test::data_path("golden/lora/adapter.safetensors");
+  auto r = run_cli("info '" + good + "' /nonexistent/x.safetensors '" + good + "' --json");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_EQ(r.err.find('\n'), r.err.size() - 1) << r.err;
+  EXPECT_NE(r.err.find("/nonexistent/x.safetensors"), std::string::npos) << r.err;
+  auto j = json::parse(r.out);
+  ASSERT_EQ(j.size(), 2u);
+  EXPECT_EQ(j[0]["file"], good);
+  EXPECT_EQ(j[0]["modules"], j[1]["modules"]);
 }
 
 }  // namespace info_test
