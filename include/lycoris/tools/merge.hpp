@@ -80,9 +80,10 @@ struct MergeStep {
 
 // The compute stage of merge for one tensor: out ← round(… apply_weight(apply_weight(x, m1), m2) …) with
 // the math in fp32 (fp64 for fp64 x) and one rounding to out's dtype. `out` has x's shape, any float
-// dtype, and may be x itself. On CPU, when every step is LoRA / LoHa / LoKr (eval, no DoRA, no Tucker),
-// ΔW is never materialised: chunks of rows are converted, get m·ΔW added in place (addmm / addcmul from
-// the factors) and are rounded into `out` while in cache, in parallel over torch's intra-op threads. The
+// dtype, and may be x itself. On CPU, when every step is LoRA / LoHa / LoKr (eval, no Tucker; with or
+// without DoRA) or (IA)^3, ΔW is never materialised: chunks of rows are converted, get m·ΔW added in place
+// (addmm / addcmul from the factors; DoRA rescales by row norms in the same pass or by column norms in a
+// second one) and are rounded into `out` while in cache, in parallel over our own worker threads. The
 // result equals apply_weight's up to the order of fp32 roundings inside an element. Otherwise x is copied
 // to `device` in fp32 once and every step is applied to it in place (W += m·ΔW for additive low-rank
 // modules, W ← apply_weight(W, m) for the others). Returns false when the result has NaN/Inf
