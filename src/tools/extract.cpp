@@ -27,6 +27,7 @@
 #include "lycoris/functional/factorization.hpp"
 #include "lycoris/io/safetensors.hpp"
 #include "lycoris/naming.hpp"
+#include "single_threaded_blas.hpp"
 
 namespace lycoris::tools {
 
@@ -704,23 +705,6 @@ LayerOutcome process_layer(const naming::BaseLayer& layer, const io::Safetensors
   return out;
 }
 
-// OpenBLAS keeps its own thread pool; with layer-parallel workers each BLAS call runs in its caller's thread
-// (otherwise the OpenMP and OpenBLAS pools spin against each other on the same cores). Looked up at run time:
-// absent with other BLAS builds.
-struct BlasThreads {
-  using Set = void (*)(int);
-  using Get = int (*)();
-  Set set = reinterpret_cast<Set>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"));
-  Get get = reinterpret_cast<Get>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
-  int saved = get ? get() : 0;
-  explicit BlasThreads(int n) {
-    if (set && get) set(n);
-  }
-  ~BlasThreads() {
-    if (set && get) set(saved);
-  }
-};
-
 }  // namespace
 
 ExtractReport extract(const std::string& base_path, const std::string& tuned_path, const std::string& output,
@@ -752,7 +736,7 @@ ExtractReport extract(const std::string& base_path, const std::string& tuned_pat
       std::clamp<int64_t>(o.threads > 0 ? o.threads : at::get_num_threads(), 1, std::max<size_t>(layers.size(), 1)));
   const int saved_threads = at::get_num_threads();
   at::set_num_threads(1);
-  BlasThreads blas(1);
+  SingleThreadedBlas blas;  // layer-parallel workers: each BLAS call in its caller's thread
   std::vector<std::optional<LayerOutcome>> results(layers.size());
   std::vector<std::exception_ptr> failures(layers.size());
   std::mutex mu;

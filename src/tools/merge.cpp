@@ -42,6 +42,7 @@
 #include "lycoris/modules/lora.hpp"
 #include "lycoris/naming.hpp"
 #include "lycoris/version.hpp"
+#include "single_threaded_blas.hpp"
 
 namespace lycoris::tools {
 
@@ -569,30 +570,6 @@ bool merge_tensor(const torch::Tensor& x, const torch::Tensor& out, const std::v
 }
 
 namespace {
-
-// OpenBLAS (the pthreads build torch links here) runs every sgemm on its own thread pool, whose idle
-// threads spin in sched_yield against ours (measured: a third of a merge's CPU time in the kernel). The
-// products of a merge are small (rank 16) and the parallelism comes from the row chunks: one BLAS thread
-// while merging, the previous setting restored afterwards. A no-op with another BLAS.
-class SingleThreadedBlas {
- public:
-  SingleThreadedBlas() {
-    set_ = reinterpret_cast<void (*)(int)>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"));
-    auto get = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
-    if (!set_ || !get) return;
-    previous_ = get();
-    set_(1);
-  }
-  ~SingleThreadedBlas() {
-    if (set_ && previous_ > 0) set_(previous_);
-  }
-  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
-  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
-
- private:
-  void (*set_)(int) = nullptr;
-  int previous_ = 0;
-};
 
 std::string dtype_label(const std::optional<torch::ScalarType>& dtype) {
   return dtype ? io::dtype_name(io::from_torch(*dtype)) : "keep";
