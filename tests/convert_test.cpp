@@ -318,8 +318,9 @@ TEST(Convert, MergeOfConvertedAdapterIntoLdmBaseEqualsDiffusersBase) {
   EXPECT_FALSE(fs::exists(t.dir + "/bad.safetensors"));
 }
 
-// OpenCLIP's fused q/k/v: the merge names the fused tensor and refuses (or skips with --allow-unmatched).
-TEST(Convert, MergeRefusesFusedOpenClipProjections) {
+// OpenCLIP's fused q/k/v (SD2 ldm: kohya lora_te_ names): the k_proj module merges into rows 8–16 of
+// in_proj_weight (worked example: ΔW = up·down = 1 everywhere). More in merge_fused_test.
+TEST(Convert, MergeIntoFusedOpenClipProjections) {
   const auto dir = test::temp_dir("convert-fused");
   io::save_file(dir + "/base.safetensors",
                 {{"cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight", torch::zeros({24, 8})},
@@ -331,17 +332,13 @@ TEST(Convert, MergeRefusesFusedOpenClipProjections) {
                  {"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight", torch::ones({16, 1})}});
   tools::MergeOptions o;
   o.adapters = {{dir + "/a.safetensors", 1.0}};
-  try {
-    tools::merge(dir + "/base.safetensors", dir + "/out.safetensors", o);
-    ADD_FAILURE() << "fused projection merged";
-  } catch (const OptionError& e) {
-    EXPECT_NE(std::string(e.what()).find("in_proj_weight"), std::string::npos) << e.what();
-    EXPECT_NE(std::string(e.what()).find("part 1/3"), std::string::npos) << e.what();
-  }
-  o.allow_unmatched = true;
   auto r = tools::merge(dir + "/base.safetensors", dir + "/out.safetensors", o);
-  EXPECT_EQ(r.modules_applied.at(0), 1u);
+  EXPECT_EQ(r.modules_applied.at(0), 2u);
+  EXPECT_TRUE(r.warnings.empty());
   auto out = io::SafetensorsFile::open(dir + "/out.safetensors");
+  auto expected = torch::zeros({24, 8});
+  expected.narrow(0, 8, 8).fill_(1);
+  EXPECT_TRUE(torch::equal(out.tensor("cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"), expected));
   EXPECT_TRUE(torch::equal(out.tensor("cond_stage_model.model.transformer.resblocks.0.mlp.c_fc.weight"), torch::ones({16, 8})));
 }
 

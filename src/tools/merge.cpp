@@ -115,6 +115,7 @@ struct Step {
   size_t adapter;  // index in options.adapters
   double weight;
   bool bias;       // apply_bias instead of apply_weight
+  int64_t row_begin = 0, row_end = -1;  // rows of the tensor the module's layer is (fused q/k/v); -1 = all
 };
 
 struct Item {
@@ -500,16 +501,31 @@ class ChunkWorkers {
   std::exception_ptr error_;
 };
 
+// A step's rows of x: [row_begin, row_end), or every row; ShapeError when the range does not lie in x.
+torch::Tensor step_rows(const torch::Tensor& W, const MergeStep& s) {
+  if (!s.ranged()) return W;
+  if (W.dim() < 1 || s.row_begin < 0 || s.row_begin >= s.row_end || s.row_end > W.size(0))
+    throw ShapeError("merge: rows [" + std::to_string(s.row_begin) + ", " + std::to_string(s.row_end) +
+                     ") of a tensor of shape " + functional::shape_str(W.sizes()));
+  return W.narrow(0, s.row_begin, s.row_end - s.row_begin);
+}
+
 }  // namespace
 
 bool merge_tensor(const torch::Tensor& x, const torch::Tensor& out, const std::vector<MergeStep>& steps,
                   torch::Device device) {
   const auto compute = x.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
   const bool cpu = device.is_cpu() && x.device().is_cpu() && out.device().is_cpu();
+  // Steps on a row block (fused q/k/v: small tensors) take the generic path below.
+  bool ranged = false;
+  for (const auto& s : steps) {
+    step_rows(x, s);  // checks the range
+    ranged = ranged || s.ranged();
+  }
   // Row-chunked path (CPU, ≥ 2-D, every step a row kernel): each chunk of rows is converted to fp32,
   // goes through every step, is checked and rounded into `out` while it is in cache; chunks run in parallel.
   std::vector<RowKernel> kernels;
-  if (cpu && x.dim() >= 2 && x.numel() > 0 && out.is_contiguous() && x.is_contiguous()) {
+  if (cpu && !ranged && x.dim() >= 2 && x.numel() > 0 && out.is_contiguous() && x.is_contiguous()) {
     for (const auto& s : steps) {
       if (s.bias) break;
       auto k = row_kernel(*s.adapter, s.m, x.options().dtype(compute), x.sizes());
@@ -563,7 +579,10 @@ bool merge_tensor(const torch::Tensor& x, const torch::Tensor& out, const std::v
     }
   }
   auto W = x.to(device, compute, /*non_blocking=*/false, /*copy=*/true);
-  for (const auto& s : steps) apply_whole(W, *s.adapter, s.m, s.bias);
+  for (const auto& s : steps) {
+    auto rows = step_rows(W, s);  // a view: the step writes into W
+    apply_whole(rows, *s.adapter, s.m, s.bias);
+  }
   const bool finite = all_finite(W);
   out.copy_(W);
   return finite;
@@ -638,19 +657,28 @@ MergeReport merge(const std::string& base_path, const std::string& output, const
     for (size_t i = 0; i < adapters.size(); ++i)
       for (const auto& m : adapters[i].modules) {
         const double w = options.adapters[i].weight;
-        if (m.target.layer.fused()) {  // q/k/v rows of OpenCLIP's in_proj_weight (naming.hpp): not merged yet
-          const std::string why = adapters[i].path + ": " + m.name + " maps to rows part " +
-                                  std::to_string(m.target.layer.part) + "/" + std::to_string(m.target.layer.parts) +
-                                  " of the fused tensor " + m.target.layer.weight_key +
-                                  ": merging into fused OpenCLIP q/k/v projections is not supported";
-          if (!options.allow_unmatched) throw OptionError(why + " (--allow-unmatched skips such modules)");
-          warn("skipped " + why);
-          --report.modules_applied[i];
-          continue;
+        // A module on a row block of a fused tensor (OpenCLIP's q/k/v in attn.in_proj_weight, naming.hpp:
+        // rows [part·R/parts, (part+1)·R/parts)) merges into those rows of the weight and of the bias — the
+        // weight it would see as a separate q/k/v layer (as ComfyUI and sd-webui apply it).
+        int64_t r0 = 0, r1 = -1;
+        if (m.target.layer.fused()) {
+          const auto& layer = m.target.layer;
+          const int64_t R = shapes.at(layer.weight_key).at(0);  // divisible by parts: checked by the loader
+          r0 = layer.part * (R / layer.parts);
+          r1 = r0 + R / layer.parts;
+          if (!layer.bias_key.empty() && shapes.at(layer.bias_key) != std::vector<int64_t>{R}) {
+            const std::string why = adapters[i].path + ": " + m.name + ": fused bias " + layer.bias_key + " has shape " +
+                                    functional::shape_str(shapes.at(layer.bias_key)) + ", expected [" +
+                                    std::to_string(R) + "] (the rows of " + layer.weight_key + ")";
+            if (!options.allow_unmatched) throw ShapeError(why);
+            warn("skipped " + why);
+            --report.modules_applied[i];
+            continue;
+          }
         }
-        plan[m.target.layer.weight_key].push_back({&m, i, w, false});
+        plan[m.target.layer.weight_key].push_back({&m, i, w, false, r0, r1});
         if (!m.target.layer.bias_key.empty()) {
-          plan[m.target.layer.bias_key].push_back({&m, i, w, true});
+          plan[m.target.layer.bias_key].push_back({&m, i, w, true, r0, r1});
         } else {
           // an algorithm with a bias delta (Full diff_b, Norm b_norm) on a layer without bias: the checkpoint
           // has no key to receive it, and adding one would break loading the model strictly.
@@ -744,7 +772,8 @@ MergeReport merge(const std::string& base_path, const std::string& output, const
           // same dtype: the result overwrites the read buffer (chunk by chunk), nothing else is allocated
           torch::Tensor out = out_dtype == t.dtype ? x : torch::empty(t.shape, torch::TensorOptions().dtype(io::to_torch(out_dtype)));
           std::vector<MergeStep> ms;
-          for (const auto& s : steps->second) ms.push_back({s.module->adapter.get(), s.weight, s.bias});
+          for (const auto& s : steps->second)
+            ms.push_back({s.module->adapter.get(), s.weight, s.bias, s.row_begin, s.row_end});
           if (!merge_tensor(x, out, ms, options.device)) {
             // name the culprit: the base tensor itself, or the first step that produced NaN/Inf
             const auto compute = t.dtype == io::DType::F64 ? torch::kFloat64 : torch::kFloat32;

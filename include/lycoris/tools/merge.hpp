@@ -71,11 +71,16 @@ struct MergeReport {
 // module for NaN/Inf) — in that case `output` is left untouched.
 MergeReport merge(const std::string& base, const std::string& output, const MergeOptions& options);
 
-// One adapter module applied to a tensor at multiplier m (bias: apply_bias instead of apply_weight).
+// One adapter module applied to a tensor at multiplier m (bias: apply_bias instead of apply_weight), to
+// the rows [row_begin, row_end) of the tensor (row_end = -1: the whole tensor). A row block is the layer of
+// a module that maps to part of a fused tensor (OpenCLIP's q/k/v in `attn.in_proj_weight` / `in_proj_bias`,
+// naming::BaseLayer::part): the module sees exactly those rows, as it would see a separate q/k/v layer.
 struct MergeStep {
   AdapterImpl* adapter;
   double m = 1.0;
   bool bias = false;
+  int64_t row_begin = 0, row_end = -1;
+  bool ranged() const { return row_end >= 0; }
 };
 
 // The compute stage of merge for one tensor: out ← round(… apply_weight(apply_weight(x, m1), m2) …) with
@@ -86,8 +91,9 @@ struct MergeStep {
 // second one) and are rounded into `out` while in cache, in parallel over our own worker threads. The
 // result equals apply_weight's up to the order of fp32 roundings inside an element. Otherwise x is copied
 // to `device` in fp32 once and every step is applied to it in place (W += m·ΔW for additive low-rank
-// modules, W ← apply_weight(W, m) for the others). Returns false when the result has NaN/Inf
-// (`out` is written anyway).
+// modules, W ← apply_weight(W, m) for the others; a step with a row range on the view of its rows — this
+// path is taken whenever a step has one). Returns false when the result has NaN/Inf (`out` is written
+// anyway). ShapeError when a step's row range lies outside x.
 bool merge_tensor(const torch::Tensor& x, const torch::Tensor& out, const std::vector<MergeStep>& steps,
                   torch::Device device = torch::kCPU);
 
