@@ -16,15 +16,16 @@
 #include <set>
 #include <unordered_map>
 
+#include "atomic_file.hpp"
 #include "lycoris/error.hpp"
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "safetensors data is little-endian; host must be too");
 
 namespace lycoris::io {
 
-namespace {
+using detail::errno_text;
 
-std::string errno_text() { return std::strerror(errno); }
+namespace {
 
 std::vector<int64_t> to_sizes(const std::vector<int64_t>& shape) { return shape; }
 
@@ -168,13 +169,138 @@ std::map<std::string, torch::Tensor> SafetensorsFile::all() const {
 
 // ------------------------------------------------------------------------------------------- writing
 
+namespace detail {
+
+std::string errno_text() { return std::strerror(errno); }
+
+int pwrite_all(int fd, const uint8_t* p, uint64_t n, uint64_t off) {
+  while (n > 0) {
+    ssize_t w = ::pwrite(fd, p, std::min<uint64_t>(n, 1u << 30), static_cast<off_t>(off));
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      const int flags = fcntl(fd, F_GETFL);
+      if (errno == EINVAL && flags >= 0 && (flags & O_DIRECT) && fcntl(fd, F_SETFL, flags & ~O_DIRECT) == 0) continue;
+      return errno;
+    }
+    p += w;
+    n -= static_cast<uint64_t>(w);
+    off += static_cast<uint64_t>(w);
+  }
+  return 0;
+}
+
+namespace {
+
+std::string json_string(const std::string& s, const std::string& path, const std::string& what) {
+  try {
+    return nlohmann::json(s).dump();
+  } catch (const nlohmann::json::exception&) {
+    throw FormatError(path + ": " + what + " '" + printable(s) + "' is not valid UTF-8");
+  }
+}
+
+}  // namespace
+
+std::string header_json(const std::string& path, const std::vector<TensorDecl>& decls,
+                        const std::map<std::string, std::string>& metadata, std::vector<uint64_t>& sizes) {
+  // metadata first, then the tensors in declaration order, packed
+  std::string h = "{";
+  if (!metadata.empty()) {
+    h += "\"__metadata__\":{";
+    bool first = true;
+    for (const auto& kv : metadata) {
+      h += (first ? "" : ",") + json_string(kv.first, path, "metadata key") + ":" +
+           json_string(kv.second, path, "metadata value");
+      first = false;
+    }
+    h += "}";
+  }
+  std::set<std::string> seen;
+  uint64_t offset = 0;
+  sizes.clear();
+  for (const auto& d : decls) {
+    const std::string where = path + ": tensor '" + printable(d.name) + "': ";
+    if (d.name == "__metadata__") throw FormatError(where + "reserved name");
+    if (!seen.insert(d.name).second) throw FormatError(where + "declared twice");
+    uint64_t n = item_size(d.dtype);
+    std::string shape;
+    for (int64_t dim : d.shape) {
+      if (dim < 0) throw ShapeError(where + "negative dimension " + std::to_string(dim));
+      if (__builtin_mul_overflow(n, static_cast<uint64_t>(dim), &n) ||
+          n > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
+        throw ShapeError(where + "byte size overflows 64 bits");
+      shape += (shape.empty() ? "" : ",") + std::to_string(dim);
+    }
+    sizes.push_back(n);
+    h += (h.size() > 1 ? "," : "") + json_string(d.name, path, "tensor name") + ":{\"dtype\":\"" +
+         dtype_name(d.dtype) + "\",\"shape\":[" + shape + "],\"data_offsets\":[" + std::to_string(offset) + "," +
+         std::to_string(offset + n) + "]}";
+    offset += n;
+  }
+  return h + "}";
+}
+
+std::string header_bytes(const std::string& json) {
+  std::string out(8, '\0');
+  for (int i = 0; i < 8; ++i) out[static_cast<size_t>(i)] = static_cast<char>(static_cast<uint64_t>(json.size()) >> (8 * i));
+  return out + json;
+}
+
+AtomicFile::AtomicFile(std::string path) : path_(std::move(path)) {
+  static std::atomic<unsigned> counter{0};
+  tmp_ = path_ + ".tmp-" + std::to_string(getpid()) + "-" + std::to_string(counter++);
+  fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+  if (fd_ < 0) throw IOError(path_ + ": cannot create temporary file " + tmp_ + ": " + errno_text());
+}
+
+AtomicFile::~AtomicFile() {
+  if (fd_ >= 0) ::close(fd_);
+  if (!committed_) ::unlink(tmp_.c_str());
+}
+
+void AtomicFile::fail(const std::string& what) const {
+  throw IOError(path_ + ": " + what + " (temporary file " + tmp_ + "): " + errno_text());
+}
+
+void AtomicFile::reserve(uint64_t size) {
+  if (size > 0 && fallocate(fd_, 0, 0, static_cast<off_t>(size)) != 0 && errno == ENOSPC) fail("not enough space");
+}
+
+bool AtomicFile::try_direct() {
+  if (std::getenv("LYCORIS_NO_DIRECT_IO")) return false;
+  const int flags = fcntl(fd_, F_GETFL);
+  return flags >= 0 && fcntl(fd_, F_SETFL, flags | O_DIRECT) == 0;
+}
+
+void AtomicFile::commit(uint64_t size) {
+  if (ftruncate(fd_, static_cast<off_t>(size)) != 0) fail("truncate failed");
+  if (fsync(fd_) != 0) fail("fsync failed");
+  const int fd = fd_;
+  fd_ = -1;
+  if (::close(fd) != 0) fail("close failed");
+  if (std::rename(tmp_.c_str(), path_.c_str()) != 0) fail("rename failed");
+  committed_ = true;
+  // Make the rename itself durable.
+  std::string dir = path_.find('/') == std::string::npos ? "." : path_.substr(0, path_.rfind('/'));
+  if (dir.empty()) dir = "/";
+  int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    fsync(dfd);
+    ::close(dfd);
+  }
+}
+
+}  // namespace detail
+
 struct SafetensorsWriter::State {
-  std::string path, tmp;
-  int fd = -1;
+  detail::AtomicFile file;
   std::vector<TensorDecl> decls;
   std::vector<uint64_t> sizes;  // bytes per declared tensor
   size_t next = 0;
   bool committed = false, failed = false;
+
+  explicit State(std::string path) : file(std::move(path)) {}
+  const std::string& path() const { return file.path(); }
 
   // Large files are written with O_DIRECT through two aligned staging buffers: the caller fills one
   // while the other is written by a background pwrite. Buffered writes of a checkpoint cost as much CPU
@@ -182,7 +308,7 @@ struct SafetensorsWriter::State {
   // for 1.6 GB, against 0.2 s direct), CPU that a merge needs for its arithmetic; and the page cache is
   // not polluted with a file nobody reads back soon. Filesystems without O_DIRECT (tmpfs, some FUSE)
   // fall back to buffered writes, at open or at the first EINVAL.
-  static constexpr uint64_t kAlign = 4096;           // logical block size we align to (≥ 512, ≥ 4096 pages)
+  static constexpr uint64_t kAlign = detail::AtomicFile::kAlign;
   static constexpr uint64_t kStage = 32ull << 20;    // bytes per staging buffer
   static constexpr uint64_t kDirectMin = 64ull << 20;  // files smaller than this stay buffered
   bool direct = false;
@@ -193,15 +319,18 @@ struct SafetensorsWriter::State {
   uint64_t file_off = 0;               // file offset of stage[cur][0]
   std::future<int> inflight;           // errno of the background pwrite (0 = ok)
 
+  ~State() {
+    if (inflight.valid()) inflight.wait();  // the background pwrite uses the descriptor and the buffer
+  }
   [[noreturn]] void io_fail(const std::string& what) {
     failed = true;
-    throw IOError(path + ": " + what + " (temporary file " + tmp + "): " + errno_text());
+    file.fail(what);
   }
   void write_all(const void* data, uint64_t n) {
     if (direct) return stage_bytes(static_cast<const uint8_t*>(data), n);
     const char* p = static_cast<const char*>(data);
     while (n > 0) {
-      ssize_t w = ::write(fd, p, std::min<uint64_t>(n, 1u << 30));
+      ssize_t w = ::write(file.fd(), p, std::min<uint64_t>(n, 1u << 30));
       if (w < 0) {
         if (errno == EINTR) continue;
         io_fail("write failed");
@@ -209,23 +338,6 @@ struct SafetensorsWriter::State {
       p += w;
       n -= static_cast<uint64_t>(w);
     }
-  }
-  // pwrite everything (restarting after short writes); on EINVAL from O_DIRECT, switch the descriptor
-  // to buffered mode and go on. Returns 0 or errno.
-  static int pwrite_all(int fd, const uint8_t* p, uint64_t n, uint64_t off) {
-    while (n > 0) {
-      ssize_t w = ::pwrite(fd, p, std::min<uint64_t>(n, 1u << 30), static_cast<off_t>(off));
-      if (w < 0) {
-        if (errno == EINTR) continue;
-        const int flags = fcntl(fd, F_GETFL);
-        if (errno == EINVAL && flags >= 0 && (flags & O_DIRECT) && fcntl(fd, F_SETFL, flags & ~O_DIRECT) == 0) continue;
-        return errno;
-      }
-      p += w;
-      n -= static_cast<uint64_t>(w);
-      off += static_cast<uint64_t>(w);
-    }
-    return 0;
   }
   void wait_inflight() {
     if (!inflight.valid()) return;
@@ -239,8 +351,8 @@ struct SafetensorsWriter::State {
     wait_inflight();
     const uint8_t* p = stage[cur].get();
     const uint64_t off = file_off;
-    const int f = fd;
-    inflight = std::async(std::launch::async, [=] { return pwrite_all(f, p, len, off); });
+    const int f = file.fd();
+    inflight = std::async(std::launch::async, [=] { return detail::pwrite_all(f, p, len, off); });
     file_off += len;
     cur ^= 1;
     fill = 0;
@@ -255,7 +367,7 @@ struct SafetensorsWriter::State {
       if (fill == kStage) flush_stage(kStage);
     }
   }
-  // The staged tail, zero-padded to a block, then the file cut back to its size.
+  // The staged tail, zero-padded to a block (commit cuts the file back to its size).
   void finish_direct() {
     if (fill > 0) {
       const uint64_t padded = (fill + kAlign - 1) / kAlign * kAlign;
@@ -263,125 +375,59 @@ struct SafetensorsWriter::State {
       flush_stage(padded);
     }
     wait_inflight();
-    if (ftruncate(fd, static_cast<off_t>(total)) != 0) io_fail("truncate failed");
   }
   // The next declared tensor, checking the writer is usable and the name matches.
   const TensorDecl& expect(const std::string& name) {
-    if (committed) throw Error(path + ": SafetensorsWriter: write after commit");
-    if (failed) throw Error(path + ": SafetensorsWriter: write after a failed write");
+    if (committed) throw Error(path() + ": SafetensorsWriter: write after commit");
+    if (failed) throw Error(path() + ": SafetensorsWriter: write after a failed write");
     if (next >= decls.size())
-      throw KeyError(path + ": tensor '" + printable(name) + "': all " + std::to_string(decls.size()) +
+      throw KeyError(path() + ": tensor '" + printable(name) + "': all " + std::to_string(decls.size()) +
                      " declared tensors are already written");
     if (decls[next].name != name)
-      throw KeyError(path + ": tensor '" + printable(name) + "': written out of order (expected '" +
+      throw KeyError(path() + ": tensor '" + printable(name) + "': written out of order (expected '" +
                      printable(decls[next].name) + "' next)");
     return decls[next];
   }
 };
 
-namespace {
-
-std::string json_string(const std::string& s, const std::string& path, const std::string& what) {
-  try {
-    return nlohmann::json(s).dump();
-  } catch (const nlohmann::json::exception&) {
-    throw FormatError(path + ": " + what + " '" + printable(s) + "' is not valid UTF-8");
-  }
-}
-
-}  // namespace
-
 SafetensorsWriter::SafetensorsWriter(std::string path, std::vector<TensorDecl> tensors,
-                                     std::map<std::string, std::string> metadata)
-    : state_(std::make_unique<State>()) {
-  State& s = *state_;
-  s.path = std::move(path);
-  s.decls = std::move(tensors);
-
-  // Header from the declarations: metadata first, then the tensors in declaration order, packed.
-  std::string h = "{";
-  if (!metadata.empty()) {
-    h += "\"__metadata__\":{";
-    bool first = true;
-    for (const auto& kv : metadata) {
-      h += (first ? "" : ",") + json_string(kv.first, s.path, "metadata key") + ":" +
-           json_string(kv.second, s.path, "metadata value");
-      first = false;
-    }
-    h += "}";
-  }
-  std::set<std::string> seen;
-  uint64_t offset = 0;
-  for (const auto& d : s.decls) {
-    const std::string where = s.path + ": tensor '" + printable(d.name) + "': ";
-    if (d.name == "__metadata__") throw FormatError(where + "reserved name");
-    if (!seen.insert(d.name).second) throw FormatError(where + "declared twice");
-    uint64_t n = item_size(d.dtype);
-    std::string shape;
-    for (int64_t dim : d.shape) {
-      if (dim < 0) throw ShapeError(where + "negative dimension " + std::to_string(dim));
-      if (__builtin_mul_overflow(n, static_cast<uint64_t>(dim), &n) ||
-          n > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
-        throw ShapeError(where + "byte size overflows 64 bits");
-      shape += (shape.empty() ? "" : ",") + std::to_string(dim);
-    }
-    s.sizes.push_back(n);
-    h += (h.size() > 1 ? "," : "") + json_string(d.name, s.path, "tensor name") + ":{\"dtype\":\"" +
-         dtype_name(d.dtype) + "\",\"shape\":[" + shape + "],\"data_offsets\":[" + std::to_string(offset) + "," +
-         std::to_string(offset + n) + "]}";
-    offset += n;
-  }
-  h += "}";
+                                     std::map<std::string, std::string> metadata) {
+  std::vector<uint64_t> sizes;
+  std::string h = detail::header_json(path, tensors, metadata, sizes);
   h.append((8 - h.size() % 8) % 8, ' ');  // data starts 8-byte aligned
-  if (h.size() > kMaxHeaderSize) throw FormatError(s.path + ": header: too large (" + std::to_string(h.size()) + " bytes)");
+  if (h.size() > kMaxHeaderSize) throw FormatError(path + ": header: too large (" + std::to_string(h.size()) + " bytes)");
+  uint64_t data = 0;
+  for (uint64_t n : sizes) data += n;
 
-  static std::atomic<unsigned> counter{0};
-  s.tmp = s.path + ".tmp-" + std::to_string(getpid()) + "-" + std::to_string(counter++);
-  s.fd = ::open(s.tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-  if (s.fd < 0) throw IOError(s.path + ": cannot create temporary file " + s.tmp + ": " + errno_text());
-  try {
-    s.total = 8 + h.size() + offset;
-    // Reserve the whole file up front: early ENOSPC, and contiguous allocation for large files.
-    if (offset > 0 && fallocate(s.fd, 0, 0, static_cast<off_t>(s.total)) != 0 && errno == ENOSPC)
-      s.io_fail("not enough space");
-    if (s.total >= State::kDirectMin && !std::getenv("LYCORIS_NO_DIRECT_IO")) {
-      const int flags = fcntl(s.fd, F_GETFL);
-      void* a = nullptr;
-      void* b = nullptr;
-      if (flags >= 0 && fcntl(s.fd, F_SETFL, flags | O_DIRECT) == 0 &&
-          posix_memalign(&a, State::kAlign, State::kStage) == 0 && posix_memalign(&b, State::kAlign, State::kStage) == 0) {
-        s.stage[0].reset(static_cast<uint8_t*>(a));
-        s.stage[1].reset(static_cast<uint8_t*>(b));
-        s.direct = true;
-      } else {
-        std::free(a);
-        if (flags >= 0) fcntl(s.fd, F_SETFL, flags);
-      }
+  state_ = std::make_unique<State>(std::move(path));  // creates the temporary file
+  State& s = *state_;
+  s.decls = std::move(tensors);
+  s.sizes = std::move(sizes);
+  s.total = 8 + h.size() + data;
+  if (data > 0) s.file.reserve(s.total);
+  if (s.total >= State::kDirectMin) {
+    void* a = nullptr;
+    void* b = nullptr;
+    if (posix_memalign(&a, State::kAlign, State::kStage) == 0 && posix_memalign(&b, State::kAlign, State::kStage) == 0 &&
+        s.file.try_direct()) {
+      s.stage[0].reset(static_cast<uint8_t*>(a));
+      s.stage[1].reset(static_cast<uint8_t*>(b));
+      s.direct = true;
+    } else {
+      std::free(a);
+      std::free(b);
     }
-    uint8_t len[8];
-    for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(static_cast<uint64_t>(h.size()) >> (8 * i));
-    s.write_all(len, 8);
-    s.write_all(h.data(), h.size());
-  } catch (...) {
-    // The destructor does not run for a constructor that throws: clean up here.
-    if (s.inflight.valid()) s.inflight.wait();
-    ::close(s.fd);
-    ::unlink(s.tmp.c_str());
-    throw;
   }
+  const std::string bytes = detail::header_bytes(h);
+  s.write_all(bytes.data(), bytes.size());
 }
 
-SafetensorsWriter::~SafetensorsWriter() {
-  if (!state_) return;
-  if (state_->inflight.valid()) state_->inflight.wait();  // the background pwrite uses fd and the buffer
-  if (state_->fd >= 0) ::close(state_->fd);
-  if (!state_->committed) ::unlink(state_->tmp.c_str());
-}
+SafetensorsWriter::~SafetensorsWriter() = default;
 
 void SafetensorsWriter::write(const std::string& name, const torch::Tensor& tensor) {
   State& s = *state_;
   const TensorDecl& d = s.expect(name);
-  const std::string where = s.path + ": tensor '" + printable(name) + "': ";
+  const std::string where = s.path() + ": tensor '" + printable(name) + "': ";
   if (!tensor.defined()) throw ShapeError(where + "undefined tensor");
   if (d.dtype == DType::F8_E4M3 || d.dtype == DType::F8_E5M2)
     throw FormatError(where + dtype_name(d.dtype) + " can only be written with write_bytes");
@@ -399,7 +445,7 @@ void SafetensorsWriter::write_bytes(const std::string& name, const void* data, u
   State& s = *state_;
   s.expect(name);
   if (size != s.sizes[s.next])
-    throw ShapeError(s.path + ": tensor '" + printable(name) + "': " + std::to_string(size) +
+    throw ShapeError(s.path() + ": tensor '" + printable(name) + "': " + std::to_string(size) +
                      " bytes given, declaration needs " + std::to_string(s.sizes[s.next]));
   s.write_all(data, size);
   ++s.next;
@@ -408,25 +454,18 @@ void SafetensorsWriter::write_bytes(const std::string& name, const void* data, u
 void SafetensorsWriter::commit() {
   State& s = *state_;
   if (s.committed) return;
-  if (s.failed) throw Error(s.path + ": SafetensorsWriter: commit after a failed write");
+  if (s.failed) throw Error(s.path() + ": SafetensorsWriter: commit after a failed write");
   if (s.next != s.decls.size())
-    throw KeyError(s.path + ": only " + std::to_string(s.next) + " of " + std::to_string(s.decls.size()) +
+    throw KeyError(s.path() + ": only " + std::to_string(s.next) + " of " + std::to_string(s.decls.size()) +
                    " declared tensors were written (next: '" + printable(s.decls[s.next].name) + "')");
   if (s.direct) s.finish_direct();
-  if (fsync(s.fd) != 0) s.io_fail("fsync failed");
-  int fd = s.fd;
-  s.fd = -1;
-  if (::close(fd) != 0) s.io_fail("close failed");
-  if (std::rename(s.tmp.c_str(), s.path.c_str()) != 0) s.io_fail("rename failed");
-  s.committed = true;
-  // Make the rename itself durable.
-  std::string dir = s.path.find('/') == std::string::npos ? "." : s.path.substr(0, s.path.rfind('/'));
-  if (dir.empty()) dir = "/";
-  int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    fsync(dfd);
-    ::close(dfd);
+  try {
+    s.file.commit(s.total);
+  } catch (...) {
+    s.failed = true;
+    throw;
   }
+  s.committed = true;
 }
 
 void save_file(const std::string& path, const std::vector<std::pair<std::string, torch::Tensor>>& tensors,

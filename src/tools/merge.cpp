@@ -34,6 +34,7 @@
 #include "lycoris/functional/common.hpp"
 #include "lycoris/functional/dora.hpp"
 #include "lycoris/functional/lokr.hpp"
+#include "lycoris/io/rewriter.hpp"
 #include "lycoris/io/safetensors.hpp"
 #include "lycoris/modules/dylora.hpp"
 #include "lycoris/modules/ia3.hpp"
@@ -639,6 +640,33 @@ MergeReport merge(const std::string& base_path, const std::string& output, const
   }
   naming::Resolver names(keys, options.base_format);
 
+  // ---- output declaration: same keys and order, floats in the requested dtype
+  std::vector<io::TensorDecl> decls;
+  std::vector<io::DType> out_dtypes;
+  uint64_t bytes_total = 0;
+  for (const auto& t : header.tensors) {
+    io::DType d = t.dtype;
+    if (options.dtype && is_float(t.dtype)) d = io::from_torch(*options.dtype);
+    decls.push_back({t.name, d, t.shape});
+    out_dtypes.push_back(d);
+    bytes_total += t.nbytes();
+  }
+  auto metadata = header.metadata;
+  {
+    auto it = metadata.find("lycoris_merge");
+    metadata["lycoris_merge"] = merge_record(options.adapters, options.dtype, it == metadata.end() ? "" : it->second);
+  }
+  // Same dtypes, so the same byte layout: the zero-copy path (io/rewriter.hpp), started now so that the
+  // first tensors are read while the adapters load.
+  bool same_layout = io::SafetensorsRewriter::supported(header) && !std::getenv("LYCORIS_MERGE_NO_REWRITER");
+  for (size_t i = 0; i < decls.size(); ++i) same_layout = same_layout && out_dtypes[i] == header.tensors[i].dtype;
+  std::unique_ptr<io::SafetensorsRewriter> rewriter;
+  if (same_layout) {
+    io::SafetensorsRewriter::Options ro;
+    ro.window_bytes = options.max_bytes_in_flight;
+    rewriter = std::make_unique<io::SafetensorsRewriter>(base_path, header, output, metadata, ro);
+  }
+
   // ---- load every adapter and plan the steps of every base tensor (adapters in order)
   std::vector<LoadedAdapter> adapters;
   std::unordered_map<std::string, std::vector<Step>> plan;
@@ -689,26 +717,96 @@ MergeReport merge(const std::string& base_path, const std::string& output, const
         }
       }
   }
+  for (size_t i = 0; i < decls.size(); ++i)
+    if (plan.count(decls[i].name) && !has_torch_dtype(out_dtypes[i]))
+      throw OptionError(decls[i].name + ": cannot write a merged tensor as " + io::dtype_name(out_dtypes[i]) +
+                        " (choose an output dtype)");
   report.load_seconds = seconds_since(t0);
 
-  // ---- output declaration: same keys and order, floats in the requested dtype
-  std::vector<io::TensorDecl> decls;
-  std::vector<io::DType> out_dtypes;
-  uint64_t bytes_total = 0;
-  for (const auto& t : header.tensors) {
-    io::DType d = t.dtype;
-    if (options.dtype && is_float(t.dtype)) d = io::from_torch(*options.dtype);
-    if (plan.count(t.name) && !has_torch_dtype(d))
-      throw OptionError(t.name + ": cannot write a merged tensor as " + io::dtype_name(d) +
-                        " (choose an output dtype)");
-    decls.push_back({t.name, d, t.shape});
-    out_dtypes.push_back(d);
-    bytes_total += t.nbytes();
-  }
-  auto metadata = header.metadata;
-  {
-    auto it = metadata.find("lycoris_merge");
-    metadata["lycoris_merge"] = merge_record(options.adapters, options.dtype, it == metadata.end() ? "" : it->second);
+  // The compute stage for base tensor `index`, read as `data`: the tensor to write — `data` itself when
+  // nothing changes it or when it was merged in place (same dtype), else a new tensor.
+  auto compute_tensor = [&](size_t index, const torch::Tensor& data) -> torch::Tensor {
+    const auto& t = header.tensors[index];
+    const io::DType out_dtype = out_dtypes[index];
+    const auto c0 = Clock::now();
+    torch::Tensor result = data;
+    auto steps = plan.find(t.name);
+    if (steps != plan.end()) {
+      // F8 bytes are decoded (exactly) by the file reader; everything else is the tensor we read
+      torch::Tensor x = has_torch_dtype(t.dtype) ? data : base.tensor(t.name);
+      // same dtype: the result overwrites the read buffer (chunk by chunk), nothing else is allocated
+      result = out_dtype == t.dtype ? x : torch::empty(t.shape, torch::TensorOptions().dtype(io::to_torch(out_dtype)));
+      std::vector<MergeStep> ms;
+      for (const auto& s : steps->second)
+        ms.push_back({s.module->adapter.get(), s.weight, s.bias, s.row_begin, s.row_end});
+      if (!merge_tensor(x, result, ms, options.device)) {
+        // name the culprit: the base tensor itself, or the first step that produced NaN/Inf
+        const auto compute = t.dtype == io::DType::F64 ? torch::kFloat64 : torch::kFloat32;
+        auto V = (has_torch_dtype(t.dtype) ? base.tensor(t.name) : x).to(options.device, compute);
+        std::string who = "the base tensor itself";
+        if (torch::isfinite(V).all().item<bool>())
+          for (const auto& s : steps->second) {
+            V = s.bias ? s.module->adapter->apply_bias(V, s.weight) : s.module->adapter->apply_weight(V, s.weight);
+            if (!torch::isfinite(V).all().item<bool>()) {
+              who = "module " + s.module->name + " (" + s.module->algo + ") of " + adapters[s.adapter].path;
+              break;
+            }
+          }
+        throw Error(t.name + ": merged tensor has NaN/Inf values, from " + who);
+      }
+    } else if (out_dtype != t.dtype) {
+      torch::Tensor x = has_torch_dtype(t.dtype) ? data : base.tensor(t.name);
+      result = x.to(io::to_torch(out_dtype)).contiguous();
+    }
+    report.compute_seconds += seconds_since(c0);
+    if (std::getenv("LYCORIS_MERGE_TRACE"))
+      std::fprintf(stderr, "%8.1f ms %s %s\n", seconds_since(c0) * 1e3, t.name.c_str(), c10::str(t.shape).c_str());
+    return result;
+  };
+  auto progress = [&](size_t index, uint64_t bytes_done) {
+    if (!options.on_progress) return;
+    MergeProgress p;
+    p.index = index + 1;
+    p.total = header.tensors.size();
+    p.key = &header.tensors[index].name;
+    p.modified = plan.count(header.tensors[index].name) > 0;
+    p.bytes_done = bytes_done;
+    p.bytes_total = bytes_total;
+    p.seconds = seconds_since(t0);
+    options.on_progress(p);
+  };
+
+  if (rewriter) {
+    // The zero-copy path: every tensor is merged in place in the rewriter's window, in file order.
+    std::exception_ptr error;
+    std::thread compute_thread([&] {
+      try {
+        if (options.threads > 0) at::set_num_threads(options.threads);
+        torch::NoGradGuard no_grad;
+        uint64_t bytes_done = 0;
+        for (size_t i = 0; i < header.tensors.size(); ++i) {
+          const auto& t = header.tensors[i];
+          uint8_t* bytes = rewriter->acquire(i);
+          if (plan.count(t.name))
+            compute_tensor(i, torch::from_blob(bytes, t.shape, torch::TensorOptions().dtype(io::to_torch(t.dtype))));
+          rewriter->release(i);
+          bytes_done += t.nbytes();
+          ++report.tensors;
+          if (plan.count(t.name)) ++report.modified;
+          progress(i, bytes_done);
+        }
+      } catch (...) {
+        error = std::current_exception();
+      }
+    });
+    compute_thread.join();
+    if (error) std::rethrow_exception(error);
+    rewriter->commit();
+    report.read_seconds = rewriter->read_seconds();
+    report.write_seconds = rewriter->write_seconds();
+    report.bytes_read = report.bytes_written = bytes_total;
+    report.total_seconds = seconds_since(t0);
+    return report;
   }
   io::SafetensorsWriter writer(output, decls, metadata);
 
@@ -762,42 +860,8 @@ MergeReport merge(const std::string& base_path, const std::string& output, const
       torch::NoGradGuard no_grad;
       Item item;
       while (read_q.pop(item)) {
-        const auto& t = header.tensors[item.index];
-        const io::DType out_dtype = out_dtypes[item.index];
-        const auto c0 = Clock::now();
-        auto steps = plan.find(t.name);
-        if (steps != plan.end()) {
-          // F8 bytes are decoded (exactly) by the file reader; everything else is the tensor we read
-          torch::Tensor x = has_torch_dtype(t.dtype) ? item.data : base.tensor(t.name);
-          // same dtype: the result overwrites the read buffer (chunk by chunk), nothing else is allocated
-          torch::Tensor out = out_dtype == t.dtype ? x : torch::empty(t.shape, torch::TensorOptions().dtype(io::to_torch(out_dtype)));
-          std::vector<MergeStep> ms;
-          for (const auto& s : steps->second)
-            ms.push_back({s.module->adapter.get(), s.weight, s.bias, s.row_begin, s.row_end});
-          if (!merge_tensor(x, out, ms, options.device)) {
-            // name the culprit: the base tensor itself, or the first step that produced NaN/Inf
-            const auto compute = t.dtype == io::DType::F64 ? torch::kFloat64 : torch::kFloat32;
-            auto V = (has_torch_dtype(t.dtype) ? base.tensor(t.name) : x).to(options.device, compute);
-            std::string who = "the base tensor itself";
-            if (torch::isfinite(V).all().item<bool>())
-              for (const auto& s : steps->second) {
-                V = s.bias ? s.module->adapter->apply_bias(V, s.weight) : s.module->adapter->apply_weight(V, s.weight);
-                if (!torch::isfinite(V).all().item<bool>()) {
-                  who = "module " + s.module->name + " (" + s.module->algo + ") of " + adapters[s.adapter].path;
-                  break;
-                }
-              }
-            throw Error(t.name + ": merged tensor has NaN/Inf values, from " + who);
-          }
-          if (!out.is_same(x)) item.out = out;
-        } else if (out_dtype != t.dtype) {
-          torch::Tensor x = has_torch_dtype(t.dtype) ? item.data : base.tensor(t.name);
-          item.out = x.to(io::to_torch(out_dtype)).contiguous();
-        }
-        report.compute_seconds += seconds_since(c0);
-        if (std::getenv("LYCORIS_MERGE_TRACE"))
-          std::fprintf(stderr, "%8.1f ms %s %s\n", seconds_since(c0) * 1e3, t.name.c_str(),
-                       c10::str(t.shape).c_str());
+        auto out = compute_tensor(item.index, item.data);
+        if (!out.is_same(item.data)) item.out = out;
         if (!done_q.push(std::move(item))) return;
       }
       done_q.close();
@@ -826,17 +890,7 @@ MergeReport merge(const std::string& base_path, const std::string& output, const
       bytes_done += t.nbytes();
       ++report.tensors;
       if (modified) ++report.modified;
-      if (options.on_progress) {
-        MergeProgress p;
-        p.index = report.tensors;
-        p.total = header.tensors.size();
-        p.key = &t.name;
-        p.modified = modified;
-        p.bytes_done = bytes_done;
-        p.bytes_total = bytes_total;
-        p.seconds = seconds_since(t0);
-        options.on_progress(p);
-      }
+      progress(item.index, bytes_done);
     }
   } catch (...) {
     fail(std::current_exception());

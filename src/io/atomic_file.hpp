@@ -1,0 +1,56 @@
+// Internal to io/: what SafetensorsWriter and SafetensorsRewriter share — the header JSON of a list of
+// declarations, and the temporary file that becomes the output only by an atomic rename.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "lycoris/io/safetensors.hpp"
+
+namespace lycoris::io::detail {
+
+std::string errno_text();
+
+// The header JSON for `decls` (packed in order from offset 0) and `metadata`, without padding; the byte
+// size of every tensor goes to `sizes`. Throws FormatError/ShapeError naming `path` and the tensor.
+std::string header_json(const std::string& path, const std::vector<TensorDecl>& decls,
+                        const std::map<std::string, std::string>& metadata, std::vector<uint64_t>& sizes);
+
+// The 8-byte little-endian length prefix followed by the header.
+std::string header_bytes(const std::string& json);
+
+// pwrite everything (restarting after short writes); on EINVAL from O_DIRECT the descriptor is switched
+// to buffered mode and the write goes on. Returns 0 or errno.
+int pwrite_all(int fd, const uint8_t* p, uint64_t n, uint64_t off);
+
+// `path` is created as `path.tmp-<pid>-<n>` and renamed into place by commit() (after fsync; the
+// directory is synced too, so the rename is durable); destroyed uncommitted, the temporary is removed.
+class AtomicFile {
+ public:
+  static constexpr uint64_t kAlign = 4096;  // block size O_DIRECT transfers are aligned to (≥ 512, = page)
+
+  explicit AtomicFile(std::string path);
+  ~AtomicFile();
+  AtomicFile(const AtomicFile&) = delete;
+  AtomicFile& operator=(const AtomicFile&) = delete;
+
+  int fd() const { return fd_; }
+  const std::string& path() const { return path_; }
+  // Reserve `size` bytes (early ENOSPC, contiguous allocation); no-op for 0.
+  void reserve(uint64_t size);
+  // Switch the descriptor to O_DIRECT; false (and buffered) where the filesystem refuses it, or when
+  // LYCORIS_NO_DIRECT_IO is set.
+  bool try_direct();
+  // Cut to `size` (after a zero-padded last O_DIRECT block), fsync, close, rename over path().
+  void commit(uint64_t size);
+  // Throws IOError "<path>: <what> (temporary file <tmp>): <errno text>".
+  [[noreturn]] void fail(const std::string& what) const;
+
+ private:
+  std::string path_, tmp_;
+  int fd_ = -1;
+  bool committed_ = false;
+};
+
+}  // namespace lycoris::io::detail
