@@ -4,6 +4,7 @@
 #include "lycoris/adapter_file.hpp"
 #include "lycoris/algorithms.hpp"
 #include "lycoris/error.hpp"
+#include "lycoris/functional/common.hpp"
 
 namespace lycoris {
 
@@ -36,6 +37,11 @@ LoadedAdapter load_adapter_for_base(const io::SafetensorsFile& file, const namin
     return options.layer_spec ? options.layer_spec(layer, shape, has_bias) : LayerSpec::from_weight_shape(shape, has_bias);
   };
 
+  // every module's fp32 copies of its tensors in one populated block (page faults dominate loading on VMs)
+  size_t arena_bytes = 0;
+  for (const auto& t : file.header().tensors)
+    arena_bytes += functional::OwnedFloatArena::bytes_for(t.numel(), t.dtype == io::DType::F64);
+  functional::OwnedFloatArena arena(arena_bytes);
   for (const auto& [name, tensors] : group_modules(file)) {
     const Algorithm* algo = detect_algorithm(tensors);
     if (!algo) {

@@ -2,9 +2,6 @@
 #include "lycoris/tools/merge.hpp"
 
 #include <dlfcn.h>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -213,7 +210,21 @@ struct RowKernel {
   }
 };
 
+constexpr int64_t kChunkElements = 1 << 16;  // rows per chunk ≈ 256 KB of fp32: W, P1, P2 stay in cache
+// ... but at least this many rows: every chunk's addmm/mm packs the whole (r, cols) right factor again, so a
+// chunk of a few rows of a wide layer (1280·9 columns: 5 rows) spent more time packing than multiplying
+// (LoHa's compute at SD1.5 scale: 1.4 s with 1 row minimum, 1.05 s with 32; measured 16–128).
+constexpr int64_t kMinChunkRows = 32;
+
 bool is_a(const AdapterImpl& a, const std::type_info& t) { return typeid(a) == t; }
+
+// A (rows, cols) view of `buffer`, a thread_local of the caller, grown when too small (at least a chunk).
+torch::Tensor scratch(torch::Tensor& buffer, int64_t rows, int64_t cols, const torch::TensorOptions& opts) {
+  const int64_t n = rows * cols;
+  if (!buffer.defined() || buffer.dtype() != opts.dtype() || buffer.numel() < n)
+    buffer = torch::empty({std::max(n, kChunkElements)}, opts);
+  return buffer.narrow(0, 0, n).view({rows, cols});
+}
 
 // Σ V² per column of the rows V (a chunk's share of the column norms of DoRA's V): summed in V's dtype
 // (as the reference's norm does; a sum with dtype=fp64 converts every element first, 4× slower) and
@@ -250,7 +261,12 @@ std::optional<RowKernel> delta_kernel(LowRankAdapter& lr, double m, const torch:
          w2b = a.hada_w2_b.contiguous();
     return RowKernel{1, [=](const torch::Tensor& Wr, int64_t r0, int64_t r1) {
                        const int64_t n = r1 - r0;
-                       Wr.addcmul_(torch::mm(w1a.narrow(0, r0, n), w1b), torch::mm(w2a.narrow(0, r0, n), w2b), c);
+                       // both products in this thread's buffers: no allocation, no fresh pages per chunk
+                       thread_local torch::Tensor b1, b2;
+                       auto P1 = scratch(b1, n, Wr.size(1), Wr.options()), P2 = scratch(b2, n, Wr.size(1), Wr.options());
+                       torch::mm_out(P1, w1a.narrow(0, r0, n), w1b);
+                       torch::mm_out(P2, w2a.narrow(0, r0, n), w2b);
+                       Wr.addcmul_(P1, P2, c);
                      }};
   }
   if (is_a(lr, typeid(LoKrImpl))) {
@@ -358,45 +374,7 @@ bool all_finite(const torch::Tensor& t) {
   return torch::isfinite(t).all().item<bool>();
 }
 
-// dst ← src (same shape, contiguous), converting the dtype. fp16 ↔ fp32 with the CPU's F16C instructions
-// where there are (IEEE round-to-nearest-even, as c10::Half): torch 1.13 converts element by element
-// in software (3 Gelem/s measured, the largest cost of a chunk); anything else through copy_.
-#if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target("avx,f16c"))) void half_to_float(const uint16_t* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
-}
-__attribute__((target("avx,f16c"))) void float_to_half(const float* src, uint16_t* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-  for (; i < n; ++i) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
-}
-bool has_f16c() {
-  static const bool yes = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
-  return yes;
-}
-#endif
 
-void convert(const torch::Tensor& dst, const torch::Tensor& src) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (has_f16c() && dst.is_contiguous() && src.is_contiguous() && dst.is_cpu() && src.is_cpu()) {
-    if (src.scalar_type() == torch::kHalf && dst.scalar_type() == torch::kFloat32) {
-      half_to_float(reinterpret_cast<const uint16_t*>(src.data_ptr()), dst.data_ptr<float>(), dst.numel());
-      return;
-    }
-    if (src.scalar_type() == torch::kFloat32 && dst.scalar_type() == torch::kHalf) {
-      float_to_half(src.data_ptr<float>(), reinterpret_cast<uint16_t*>(dst.data_ptr()), dst.numel());
-      return;
-    }
-  }
-#endif
-  dst.copy_(src);
-}
-
-constexpr int64_t kChunkElements = 1 << 16;  // rows per chunk ≈ 256 KB of fp32: W, P1, P2 stay in cache
 
 // This thread's intra-op threads. With OpenMP that is the thread's own ICV: at::set_num_threads (torch 1.13)
 // would also rebuild torch's pthreadpool (QNNPACK's), whose fresh threads spin for a while.
@@ -540,7 +518,8 @@ bool merge_tensor(const torch::Tensor& x, const torch::Tensor& out, const std::v
     int64_t block = 1;
     for (const auto& k : kernels) block = std::lcm(block, k.block);
     if (O % block == 0) {
-      const int64_t rows = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(cols, 1) / block) * block;
+      const int64_t rows =
+          std::max<int64_t>(std::max<int64_t>(1, kMinChunkRows / block), kChunkElements / std::max<int64_t>(cols, 1) / block) * block;
       const int64_t chunks = (O + rows - 1) / rows;
       const int workers = static_cast<int>(std::min<int64_t>(std::max(1, at::get_num_threads()), chunks));
       auto x2 = x.view({O, cols}), o2 = out.view({O, cols});
@@ -556,11 +535,8 @@ bool merge_tensor(const torch::Tensor& x, const torch::Tensor& out, const std::v
           const int64_t r0 = c * rows, r1 = std::min(O, r0 + rows);
           // the fp32 rows in a buffer of this (persistent) worker: no allocation, no fresh pages per chunk
           thread_local torch::Tensor buffer;
-          const int64_t n = (r1 - r0) * cols;
-          if (!buffer.defined() || buffer.scalar_type() != compute || buffer.numel() < n)
-            buffer = torch::empty({std::max(n, kChunkElements)}, x.options().dtype(compute));
-          auto W = buffer.narrow(0, 0, n).view({r1 - r0, cols});
-          convert(W, x2.narrow(0, r0, r1 - r0));
+          auto W = scratch(buffer, r1 - r0, cols, x.options().dtype(compute));
+          functional::convert_into(W, x2.narrow(0, r0, r1 - r0));
           for (size_t i = 0; i < upto; ++i) kernels[i].apply(W, r0, r1);
           if (!last) {
             kernels[upto].add(W, r0, r1);
@@ -569,7 +545,7 @@ bool merge_tensor(const torch::Tensor& x, const torch::Tensor& out, const std::v
             return;
           }
           if (!all_finite(W)) finite = false;
-          convert(o2.narrow(0, r0, r1 - r0), W);
+          functional::convert_into(o2.narrow(0, r0, r1 - r0), W);
         });
         if (last) return finite;
         torch::Tensor total;
@@ -742,11 +718,13 @@ MergeReport merge(const std::string& base_path, const std::string& output, const
       if (!merge_tensor(x, result, ms, options.device)) {
         // name the culprit: the base tensor itself, or the first step that produced NaN/Inf
         const auto compute = t.dtype == io::DType::F64 ? torch::kFloat64 : torch::kFloat32;
-        auto V = (has_torch_dtype(t.dtype) ? base.tensor(t.name) : x).to(options.device, compute);
+        auto V = (has_torch_dtype(t.dtype) ? base.tensor(t.name) : x).to(options.device, compute, false, true);
         std::string who = "the base tensor itself";
         if (torch::isfinite(V).all().item<bool>())
-          for (const auto& s : steps->second) {
-            V = s.bias ? s.module->adapter->apply_bias(V, s.weight) : s.module->adapter->apply_weight(V, s.weight);
+          for (size_t k = 0; k < ms.size(); ++k) {
+            const auto& s = steps->second[k];
+            auto rows = step_rows(V, ms[k]);  // the step's rows (a fused tensor's block) or V itself
+            rows.copy_(s.bias ? s.module->adapter->apply_bias(rows, s.weight) : s.module->adapter->apply_weight(rows, s.weight));
             if (!torch::isfinite(V).all().item<bool>()) {
               who = "module " + s.module->name + " (" + s.module->algo + ") of " + adapters[s.adapter].path;
               break;
@@ -801,9 +779,10 @@ MergeReport merge(const std::string& base_path, const std::string& output, const
     });
     compute_thread.join();
     if (error) std::rethrow_exception(error);
+    const auto f0 = Clock::now();
     rewriter->commit();
     report.read_seconds = rewriter->read_seconds();
-    report.write_seconds = rewriter->write_seconds();
+    report.write_seconds = rewriter->write_seconds() + seconds_since(f0);
     report.bytes_read = report.bytes_written = bytes_total;
     report.total_seconds = seconds_since(t0);
     return report;
