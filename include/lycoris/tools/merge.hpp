@@ -1,14 +1,18 @@
 // Merging adapters into a base checkpoint (`lycoris merge`, TOOLS.md §1 and §5, issues 3 and 6).
 //
-// Streaming pipeline, three stages overlapped by two small bounded queues:
-//   reader  (pread of one base tensor at a time, in file order, into a fixed pool of read buffers)
-//   compute (only for tensors an adapter touches: W' = … apply_weight(apply_weight(W, m1), m2) … in fp32,
-//            NaN/Inf check, one rounding to the output dtype — see merge_tensor)
-//   writer  (SafetensorsWriter: streaming, atomic — the output appears only after the last byte)
-// Untouched tensors go from reader to writer as raw bytes (converted only when the output dtype differs).
-// Peak memory ≈ the adapters + the read buffers (max(3, max_bytes_in_flight / largest tensor) of the
-// largest tensor's size) + a few 256 KB chunks per thread; never the whole checkpoint, never an fp32 copy
-// of a whole tensor for LoRA/LoHa/LoKr (other algorithms: one tensor's fp32 temporaries).
+// Two streaming paths, both three stages on their own threads (read, compute, write):
+// - Same dtypes in and out (the usual case): io::SafetensorsRewriter. The output keeps the input's byte
+//   layout (its header padded so the data sits at the same offset modulo 4096), so the base is read with
+//   O_DIRECT straight into a ring of memory, each touched tensor is merged in place there, and finished
+//   blocks are written with O_DIRECT from the same memory: no CPU copy of the 1.6 GB on its way. Reading
+//   starts before the adapters are loaded. Peak memory ≈ the adapters + the ring (max_bytes_in_flight,
+//   at least the largest tensor + 24 MB) + a chunk's buffers per thread.
+// - A dtype change (--dtype): pread of one base tensor at a time into a pool of read buffers (max(3,
+//   max_bytes_in_flight / largest tensor) of the largest size), compute, SafetensorsWriter.
+// Compute is only for tensors an adapter touches: W' = … apply_weight(apply_weight(W, m1), m2) … in fp32,
+// NaN/Inf check, one rounding to the output dtype (merge_tensor); never the whole checkpoint, never an fp32
+// copy of a whole tensor for LoRA/LoHa/LoKr/(IA)^3/DoRA (other algorithms: one tensor's fp32 temporaries).
+// Either way the output appears (by rename) only when complete.
 // LYCORIS_MERGE_TRACE=1 in the environment prints each tensor's compute time to stderr.
 #pragma once
 #include <torch/types.h>
@@ -50,7 +54,8 @@ struct MergeOptions {
   // Layout of the base checkpoint's keys (naming dialects, naming.hpp); Auto detects it from the keys.
   naming::BaseFormat base_format = naming::BaseFormat::Auto;
   int threads = 0;                     // torch intra-op threads (at::set_num_threads); 0 = leave as is
-  // Read-ahead budget of the pipeline: max(3, budget / largest tensor) read buffers of the largest size.
+  // Read-ahead budget of the pipeline: the rewriter's ring, or max(3, budget / largest tensor) read
+  // buffers of the largest size.
   uint64_t max_bytes_in_flight = 256ull << 20;
   std::function<void(const std::string&)> on_warning;       // default: collected in the report only
   std::function<void(const MergeProgress&)> on_progress;    // called by the writing thread per tensor
