@@ -13,7 +13,8 @@
 // NaN/Inf check, one rounding to the output dtype (merge_tensor); never the whole checkpoint, never an fp32
 // copy of a whole tensor for LoRA/LoHa/LoKr/(IA)^3/DoRA (other algorithms: one tensor's fp32 temporaries).
 // Either way the output appears (by rename) only when complete.
-// LYCORIS_MERGE_TRACE=1 in the environment prints each tensor's compute time to stderr.
+// LYCORIS_MERGE_TRACE=1 in the environment prints each tensor's compute time to stderr;
+// LYCORIS_MERGE_NO_REWRITER=1 forces the buffer-pool path (for comparisons).
 #pragma once
 #include <torch/types.h>
 
