@@ -4,6 +4,9 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <signal.h>
+#include <sys/resource.h>
+
 #include <limits>
 #include <string>
 #include <vector>
@@ -345,6 +348,48 @@ TEST(MergeScaleDoraIA3, NaNNamesTheModule) {
         EXPECT_NE(msg.find(needle), std::string::npos) << name << ": " << msg << " lacks " << needle;
     }
   }
+}
+
+// The two streaming paths of merge — the zero-copy rewriter (same dtypes) and the buffer pool (taken when
+// the rewriter's window cannot be created, here under a file-size limit below the window) — write the
+// same tensors.
+TEST(MergeScalePaths, RewriterAndBufferPoolAgree) {
+  torch::manual_seed(15);
+  namespace io = lycoris::io;
+  const auto dir = lycoris::test::temp_dir("merge-scale-paths");
+  const auto base = dir + "/base.safetensors", adapter = dir + "/adapter.safetensors";
+  io::save_file(base, {{"net.a.weight", torch::randn({64, 48}).to(torch::kFloat16)},
+                       {"net.a.bias", torch::randn({64}).to(torch::kFloat16)},
+                       {"net.b.weight", torch::randn({32, 64})}});
+  io::save_file(adapter, {{"lycoris_net_a.alpha", torch::tensor(4.0)},
+                          {"lycoris_net_a.lora_up.weight", torch::randn({64, 4})},
+                          {"lycoris_net_a.lora_down.weight", torch::randn({4, 48})}});
+  lycoris::tools::MergeOptions opt;
+  opt.adapters = {{adapter, 0.7}};
+  lycoris::tools::merge(base, dir + "/rewriter.safetensors", opt);
+  struct rlimit old_limit {};
+  getrlimit(RLIMIT_FSIZE, &old_limit);
+  struct rlimit limit = old_limit;
+  limit.rlim_cur = 64ull << 20;  // the window (a memfd of ≥ 256 MB here) cannot be sized
+  auto old_handler = signal(SIGXFSZ, SIG_IGN);
+  ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &limit), 0);
+  lycoris::tools::MergeReport report;
+  try {
+    report = lycoris::tools::merge(base, dir + "/pool.safetensors", opt);
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << e.what();
+  }
+  setrlimit(RLIMIT_FSIZE, &old_limit);
+  signal(SIGXFSZ, old_handler);
+  EXPECT_EQ(report.modified, 2u);  // net.a weight and bias (a LoRA leaves the bias as it is)
+  auto a = io::SafetensorsFile::open(dir + "/rewriter.safetensors"), b = io::SafetensorsFile::open(dir + "/pool.safetensors");
+  for (const auto* key : {"net.a.weight", "net.a.bias", "net.b.weight"})
+    EXPECT_TRUE(torch::equal(a.tensor(key), b.tensor(key))) << key;
+  EXPECT_TRUE(torch::equal(a.tensor("net.b.weight"), io::SafetensorsFile::open(base).tensor("net.b.weight")));
+  EXPECT_FALSE(torch::equal(a.tensor("net.a.weight"), io::SafetensorsFile::open(base).tensor("net.a.weight")));
+  // the rewriter pads its header to keep the base's data offset modulo 4096; the buffer pool does not
+  EXPECT_EQ(a.header().data_start % 4096, io::SafetensorsFile::open(base).header().data_start % 4096);
+  EXPECT_NE(b.header().data_start % 4096, io::SafetensorsFile::open(base).header().data_start % 4096);
 }
 
 }  // namespace merge_scale_test

@@ -640,7 +640,12 @@ MergeReport merge(const std::string& base_path, const std::string& output, const
   if (same_layout) {
     io::SafetensorsRewriter::Options ro;
     ro.window_bytes = options.max_bytes_in_flight;
-    rewriter = std::make_unique<io::SafetensorsRewriter>(base_path, header, output, metadata, ro);
+    try {
+      rewriter = std::make_unique<io::SafetensorsRewriter>(base_path, header, output, metadata, ro);
+    } catch (const IOError&) {
+      // no window (no memfd, or a file-size limit below it): the buffer-pool path below; a problem with
+      // the files themselves comes back from there with its own message
+    }
   }
 
   // ---- load every adapter and plan the steps of every base tensor (adapters in order)
