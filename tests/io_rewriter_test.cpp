@@ -86,6 +86,8 @@ TEST(IoRewriter, EveryByteThroughASmallWindowWithEditsInPlace) {
 
 TEST(IoRewriter, FilesWithoutData) {
   const auto dir = lycoris::test::temp_dir("io-rewriter-empty");
+  // repeated: the header's last block is written only after the reader has put it in the window
+  for (int repeat = 0; repeat < 20; ++repeat)
   for (const auto& tensors : std::vector<std::vector<std::pair<std::string, torch::Tensor>>>{
            {}, {{"e", torch::zeros({0})}, {"f", torch::zeros({2, 0})}}}) {
     const auto in = dir + "/in.safetensors", out = dir + "/out.safetensors";

@@ -187,16 +187,19 @@ struct SafetensorsRewriter::State {
         uint64_t from = 0, to = 0;
         {
           std::unique_lock<std::mutex> lock(mu);
+          const uint64_t end = out_direct ? align_up(total) : total;
           auto limit = [&] {
             // released bytes are read too; the last block is written whole (then cut) once all is final
-            if (all_released) return out_direct ? align_up(total) : total;
+            // and read (a file without data: the header's last block, patched by the reader)
+            if (all_released && read_to >= total) return end;
             return align_down(std::min(released_to, read_to));
           };
+          auto finished = [&] { return all_released && read_to >= total && written_to >= end; };
           changed.wait(lock, [&] {
-            return aborted || (all_released && written_to >= limit()) ||
+            return aborted || finished() ||
                    (written_to < limit() && (all_released || limit() - written_to >= kWriteMin));
           });
-          if (aborted || written_to >= limit()) return;
+          if (aborted || finished()) return;
           from = written_to;
           to = std::min(limit(), from + kWriteMax);
         }
