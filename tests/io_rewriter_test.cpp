@@ -3,11 +3,10 @@
 // output's data at the input's offset modulo 4096; O_DIRECT and buffered (tmpfs) paths; failures leave
 // no output and no temporary file. Expected values: the input file's own tensors (read independently by
 // SafetensorsFile) and the edits applied to them here.
-#include <signal.h>
-#include <sys/resource.h>
 #include <unistd.h>
 
 #include <filesystem>
+#include <memory>
 
 #include "lycoris/error.hpp"
 #include "lycoris/io/rewriter.hpp"
@@ -153,12 +152,8 @@ TEST(IoRewriter, WriteErrorLeavesNoTrace) {
   auto src = SafetensorsFile::open(in);
   SafetensorsRewriter::Options o;
   o.window_bytes = 1;  // ≈ 46 MiB of ring (a memfd: the file size limit applies to it too)
-  auto old_handler = signal(SIGXFSZ, SIG_IGN);
-  struct rlimit old_limit {};
-  getrlimit(RLIMIT_FSIZE, &old_limit);
-  struct rlimit limit = old_limit;
-  limit.rlim_cur = 100ull << 20;
-  ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &limit), 0);
+  auto limit = std::make_unique<lycoris::test::FileSizeLimit>(100ull << 20);
+  ASSERT_TRUE(limit->ok());
   std::string message;
   try {
     SafetensorsRewriter rw(in, src.header(), out, {}, o);
@@ -170,8 +165,7 @@ TEST(IoRewriter, WriteErrorLeavesNoTrace) {
   } catch (const lycoris::Error& e) {
     message = e.what();
   }
-  setrlimit(RLIMIT_FSIZE, &old_limit);
-  signal(SIGXFSZ, old_handler);
+  limit.reset();
   EXPECT_NE(message.find(out + ": write failed"), std::string::npos) << message;
   EXPECT_FALSE(fs::exists(out));
   EXPECT_EQ(files_in(dir), 1u);

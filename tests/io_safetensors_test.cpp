@@ -1,11 +1,10 @@
 // safetensors reader/writer: dtype round trips, F8 decoding, zero-copy lifetime, alignment, writer
 // padding / metadata / atomicity. Expected bytes come from the format definition (hand-built files).
-#include <signal.h>
-#include <sys/resource.h>
 
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <memory>
 
 #include "lycoris/error.hpp"
 #include "lycoris/io/safetensors.hpp"
@@ -290,20 +289,15 @@ TEST(IoSafetensors, WriterDiskErrorLeavesNoTrace) {
   auto path = dir + "/model.safetensors";
   save_file(path, {{"old", torch::ones({4})}});
   const auto before = read_all(path);
-  auto old_handler = signal(SIGXFSZ, SIG_IGN);
-  struct rlimit old_limit {};
-  getrlimit(RLIMIT_FSIZE, &old_limit);
-  struct rlimit limit = old_limit;
-  limit.rlim_cur = 64 * 1024;
-  ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &limit), 0);
+  auto limit = std::make_unique<lycoris::test::FileSizeLimit>(64 * 1024);
+  ASSERT_TRUE(limit->ok());
   std::string message;
   try {
     save_file(path, {{"a", torch::zeros({1024})}, {"big", torch::zeros({1 << 20})}});
   } catch (const IOError& e) {
     message = e.what();
   }
-  setrlimit(RLIMIT_FSIZE, &old_limit);
-  signal(SIGXFSZ, old_handler);
+  limit.reset();
   EXPECT_NE(message.find(path + ": write failed"), std::string::npos) << message;
   EXPECT_EQ(read_all(path), before);
   EXPECT_EQ(files_in(dir), 1u);
@@ -345,20 +339,15 @@ TEST(IoSafetensors, WriterLargeFileByteExact) {
 TEST(IoSafetensors, WriterLargeFileDiskErrorLeavesNoTrace) {
   auto dir = lycoris::test::temp_dir("io-large-efbig");
   auto path = dir + "/model.safetensors";
-  auto old_handler = signal(SIGXFSZ, SIG_IGN);
-  struct rlimit old_limit {};
-  getrlimit(RLIMIT_FSIZE, &old_limit);
-  struct rlimit limit = old_limit;
-  limit.rlim_cur = 40ull << 20;
-  ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &limit), 0);
+  auto limit = std::make_unique<lycoris::test::FileSizeLimit>(40ull << 20);
+  ASSERT_TRUE(limit->ok());
   std::string message;
   try {
     save_file(path, {{"big", torch::zeros({20 << 20})}});  // 80 MiB
   } catch (const IOError& e) {
     message = e.what();
   }
-  setrlimit(RLIMIT_FSIZE, &old_limit);
-  signal(SIGXFSZ, old_handler);
+  limit.reset();
   EXPECT_NE(message.find(path + ": "), std::string::npos) << message;
   EXPECT_FALSE(fs::exists(path));
   EXPECT_EQ(files_in(dir), 0u);

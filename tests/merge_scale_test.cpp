@@ -4,10 +4,8 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
-#include <signal.h>
-#include <sys/resource.h>
-
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -367,20 +365,16 @@ TEST(MergeScalePaths, RewriterAndBufferPoolAgree) {
   lycoris::tools::MergeOptions opt;
   opt.adapters = {{adapter, 0.7}};
   lycoris::tools::merge(base, dir + "/rewriter.safetensors", opt);
-  struct rlimit old_limit {};
-  getrlimit(RLIMIT_FSIZE, &old_limit);
-  struct rlimit limit = old_limit;
-  limit.rlim_cur = 64ull << 20;  // the window (a memfd of ≥ 256 MB here) cannot be sized
-  auto old_handler = signal(SIGXFSZ, SIG_IGN);
-  ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &limit), 0);
+  // the window (a memfd of ≥ 256 MB here) cannot be sized
+  auto limit = std::make_unique<lycoris::test::FileSizeLimit>(64ull << 20);
+  ASSERT_TRUE(limit->ok());
   lycoris::tools::MergeReport report;
   try {
     report = lycoris::tools::merge(base, dir + "/pool.safetensors", opt);
   } catch (const std::exception& e) {
     ADD_FAILURE() << e.what();
   }
-  setrlimit(RLIMIT_FSIZE, &old_limit);
-  signal(SIGXFSZ, old_handler);
+  limit.reset();
   EXPECT_EQ(report.modified, 2u);  // net.a weight and bias (a LoRA leaves the bias as it is)
   auto a = io::SafetensorsFile::open(dir + "/rewriter.safetensors"), b = io::SafetensorsFile::open(dir + "/pool.safetensors");
   for (const auto* key : {"net.a.weight", "net.a.bias", "net.b.weight"})

@@ -4,6 +4,8 @@
 #include <filesystem>
 #include <sstream>
 
+#include <signal.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 namespace lycoris::test {
@@ -42,6 +44,23 @@ double excess(const torch::Tensor& a, const torch::Tensor& b, double atol, doubl
      << " at flat index " << idx << " (got " << a64.flatten()[idx].item<double>() << ", expected "
      << b64.flatten()[idx].item<double>() << ")";
   return ::testing::AssertionFailure() << os.str();
+}
+
+FileSizeLimit::FileSizeLimit(uint64_t bytes) {
+  previous_handler_ = signal(SIGXFSZ, SIG_IGN);
+  struct rlimit limit {};
+  getrlimit(RLIMIT_FSIZE, &limit);
+  previous_cur_ = limit.rlim_cur;
+  limit.rlim_cur = bytes;
+  ok_ = setrlimit(RLIMIT_FSIZE, &limit) == 0;
+}
+
+FileSizeLimit::~FileSizeLimit() {
+  struct rlimit limit {};
+  getrlimit(RLIMIT_FSIZE, &limit);
+  limit.rlim_cur = previous_cur_;
+  setrlimit(RLIMIT_FSIZE, &limit);
+  signal(SIGXFSZ, previous_handler_);
 }
 
 }  // namespace lycoris::test

@@ -17,4 +17,20 @@ double excess(const torch::Tensor& a, const torch::Tensor& b, double atol, doubl
 ::testing::AssertionResult all_close(const torch::Tensor& a, const torch::Tensor& b, double atol, double rtol,
                                      const std::string& what = "");
 
+// While alive, files this process writes may not grow past `bytes` (RLIMIT_FSIZE; SIGXFSZ ignored, so a
+// write past it fails with EFBIG like a full disk). ok() tells whether the limit was set.
+class FileSizeLimit {
+ public:
+  explicit FileSizeLimit(uint64_t bytes);
+  ~FileSizeLimit();
+  FileSizeLimit(const FileSizeLimit&) = delete;
+  FileSizeLimit& operator=(const FileSizeLimit&) = delete;
+  bool ok() const { return ok_; }
+
+ private:
+  bool ok_ = false;
+  uint64_t previous_cur_ = 0;
+  void (*previous_handler_)(int) = nullptr;
+};
+
 }  // namespace lycoris::test

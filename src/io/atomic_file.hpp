@@ -20,6 +20,11 @@ std::string header_json(const std::string& path, const std::vector<TensorDecl>& 
 // The 8-byte little-endian length prefix followed by the header.
 std::string header_bytes(const std::string& json);
 
+// pread of [offset, offset + n) of `fd` into `p`, restarting after short reads and EINTR; an O_DIRECT
+// descriptor the filesystem refuses (EINVAL) goes on buffered. Stops early only at the end of the file:
+// returns the bytes read. Throws IOError "<path>: read failed: <errno text>".
+uint64_t pread_full(int fd, const std::string& path, void* p, uint64_t n, uint64_t offset);
+
 // pwrite everything (restarting after short writes); on EINVAL from O_DIRECT the descriptor is switched
 // to buffered mode and the write goes on. Returns 0 or errno.
 int pwrite_all(int fd, const uint8_t* p, uint64_t n, uint64_t off);

@@ -121,23 +121,6 @@ struct SafetensorsRewriter::State {
     if (aborted) throw Error(out.path() + ": SafetensorsRewriter: used after a failure");
   }
 
-  // pread exactly [offset, offset + n) of the input unless the file ends first; returns the bytes read.
-  uint64_t read_some(uint8_t* p, uint64_t n, uint64_t offset) {
-    uint64_t got = 0;
-    while (got < n) {
-      ssize_t r = ::pread(in_fd, p + got, n - got, static_cast<off_t>(offset + got));
-      if (r < 0 && errno == EINTR) continue;
-      if (r < 0 && errno == EINVAL) {  // O_DIRECT refused here: go on buffered
-        const int flags = fcntl(in_fd, F_GETFL);
-        if (flags >= 0 && (flags & O_DIRECT) && fcntl(in_fd, F_SETFL, flags & ~O_DIRECT) == 0) continue;
-      }
-      if (r < 0) throw IOError(input_path + ": read failed: " + detail::errno_text());
-      if (r == 0) break;
-      got += static_cast<uint64_t>(r);
-    }
-    return got;
-  }
-
   void read_loop() {
     try {
       for (uint64_t r = first; r < total;) {
@@ -149,7 +132,7 @@ struct SafetensorsRewriter::State {
         }
         const auto t0 = Clock::now();
         const uint64_t want = std::min(n, total - r);
-        if (read_some(at(r), n, r - shift) < want)
+        if (detail::pread_full(in_fd, input_path, at(r), n, r - shift) < want)
           throw IOError(input_path + ": unexpected end of file (truncated while merging?)");
         // the block the header ends in: its head is ours, not the input's
         if (r == first) std::memcpy(at(first), header.data() + first, data_start - first);

@@ -173,6 +173,23 @@ namespace detail {
 
 std::string errno_text() { return std::strerror(errno); }
 
+uint64_t pread_full(int fd, const std::string& path, void* p, uint64_t n, uint64_t offset) {
+  auto* bytes = static_cast<uint8_t*>(p);
+  uint64_t got = 0;
+  while (got < n) {
+    ssize_t r = ::pread(fd, bytes + got, n - got, static_cast<off_t>(offset + got));
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0 && errno == EINVAL) {  // O_DIRECT refused here: go on buffered
+      const int flags = fcntl(fd, F_GETFL);
+      if (flags >= 0 && (flags & O_DIRECT) && fcntl(fd, F_SETFL, flags & ~O_DIRECT) == 0) continue;
+    }
+    if (r < 0) throw IOError(path + ": read failed: " + errno_text());
+    if (r == 0) break;
+    got += static_cast<uint64_t>(r);
+  }
+  return got;
+}
+
 int pwrite_all(int fd, const uint8_t* p, uint64_t n, uint64_t off) {
   while (n > 0) {
     ssize_t w = ::pwrite(fd, p, std::min<uint64_t>(n, 1u << 30), static_cast<off_t>(off));

@@ -40,6 +40,7 @@
 #include "lycoris/modules/lora.hpp"
 #include "lycoris/naming.hpp"
 #include "lycoris/version.hpp"
+#include "../io/atomic_file.hpp"  // io::detail::pread_full
 #include "single_threaded_blas.hpp"
 
 namespace lycoris::tools {
@@ -111,9 +112,7 @@ class BoundedQueue {
 struct Step {
   const AdapterModule* module;
   size_t adapter;  // index in options.adapters
-  double weight;
-  bool bias;       // apply_bias instead of apply_weight
-  int64_t row_begin = 0, row_end = -1;  // rows of the tensor the module's layer is (fused q/k/v); -1 = all
+  MergeStep step;  // the adapter at its weight, weight or bias, and the rows (fused q/k/v) it applies to
 };
 
 struct Item {
@@ -163,16 +162,8 @@ class Reader {
     if (fd_ >= 0) ::close(fd_);
   }
   void read(uint64_t offset, void* dst, uint64_t size) {
-    auto* p = static_cast<uint8_t*>(dst);
-    while (size > 0) {
-      ssize_t n = ::pread(fd_, p, size, static_cast<off_t>(offset));
-      if (n < 0 && errno == EINTR) continue;
-      if (n < 0) throw IOError(path_ + ": read failed: " + std::strerror(errno));
-      if (n == 0) throw IOError(path_ + ": unexpected end of file (truncated while merging?)");
-      p += n;
-      offset += static_cast<uint64_t>(n);
-      size -= static_cast<uint64_t>(n);
-    }
+    if (io::detail::pread_full(fd_, path_, dst, size, offset) < size)
+      throw IOError(path_ + ": unexpected end of file (truncated while merging?)");
   }
 
  private:
@@ -685,9 +676,9 @@ MergeReport merge(const std::string& base_path, const std::string& output, const
             continue;
           }
         }
-        plan[m.target.layer.weight_key].push_back({&m, i, w, false, r0, r1});
+        plan[m.target.layer.weight_key].push_back({&m, i, {m.adapter.get(), w, false, r0, r1}});
         if (!m.target.layer.bias_key.empty()) {
-          plan[m.target.layer.bias_key].push_back({&m, i, w, true, r0, r1});
+          plan[m.target.layer.bias_key].push_back({&m, i, {m.adapter.get(), w, true, r0, r1}});
         } else {
           // an algorithm with a bias delta (Full diff_b, Norm b_norm) on a layer without bias: the checkpoint
           // has no key to receive it, and adding one would break loading the model strictly.
@@ -718,18 +709,17 @@ MergeReport merge(const std::string& base_path, const std::string& output, const
       // same dtype: the result overwrites the read buffer (chunk by chunk), nothing else is allocated
       result = out_dtype == t.dtype ? x : torch::empty(t.shape, torch::TensorOptions().dtype(io::to_torch(out_dtype)));
       std::vector<MergeStep> ms;
-      for (const auto& s : steps->second)
-        ms.push_back({s.module->adapter.get(), s.weight, s.bias, s.row_begin, s.row_end});
+      for (const auto& s : steps->second) ms.push_back(s.step);
       if (!merge_tensor(x, result, ms, options.device)) {
         // name the culprit: the base tensor itself, or the first step that produced NaN/Inf
         const auto compute = t.dtype == io::DType::F64 ? torch::kFloat64 : torch::kFloat32;
         auto V = (has_torch_dtype(t.dtype) ? base.tensor(t.name) : x).to(options.device, compute, false, true);
         std::string who = "the base tensor itself";
         if (torch::isfinite(V).all().item<bool>())
-          for (size_t k = 0; k < ms.size(); ++k) {
-            const auto& s = steps->second[k];
-            auto rows = step_rows(V, ms[k]);  // the step's rows (a fused tensor's block) or V itself
-            rows.copy_(s.bias ? s.module->adapter->apply_bias(rows, s.weight) : s.module->adapter->apply_weight(rows, s.weight));
+          for (const auto& s : steps->second) {
+            const auto& st = s.step;
+            auto rows = step_rows(V, st);  // the step's rows (a fused tensor's block) or V itself
+            rows.copy_(st.bias ? st.adapter->apply_bias(rows, st.m) : st.adapter->apply_weight(rows, st.m));
             if (!torch::isfinite(V).all().item<bool>()) {
               who = "module " + s.module->name + " (" + s.module->algo + ") of " + adapters[s.adapter].path;
               break;
@@ -742,7 +732,8 @@ MergeReport merge(const std::string& base_path, const std::string& output, const
       result = x.to(io::to_torch(out_dtype)).contiguous();
     }
     report.compute_seconds += seconds_since(c0);
-    if (std::getenv("LYCORIS_MERGE_TRACE"))
+    static const bool trace = std::getenv("LYCORIS_MERGE_TRACE") != nullptr;
+    if (trace)
       std::fprintf(stderr, "%8.1f ms %s %s\n", seconds_since(c0) * 1e3, t.name.c_str(), c10::str(t.shape).c_str());
     return result;
   };
