@@ -6,7 +6,8 @@
 // Writes (with our own SafetensorsWriter / save_file):
 //   <out>/sd15_unet.safetensors        every layer of the JSON list (391: diffusers names "<module>.weight",
 //                                      "<module>.bias"), fp16, N(0, 0.02²) values (≈1.72 GB)
-//   <out>/empty.safetensors            an adapter with no module (merging it = our reader → writer copy floor)
+//   <out>/untouched.safetensors        an adapter matching no layer (merged with --allow-unmatched = our
+//                                      reader → writer copy floor)
 //   <out>/<algo>_r16.safetensors        one module per Linear/Conv2d layer (282), kohya names
 //                                      "lora_unet_<module with . → _>", rank 16, alpha 8, fp16 tensors;
 //                                      factors N(0, σ²) with σ chosen so that ΔW is of the size of W·1e-2
@@ -174,7 +175,11 @@ int main(int argc, char** argv) {
       std::printf("  %-22s %3zu layers, %.1f MB\n", "sd15_unet.safetensors", layers.size(),
                   static_cast<double>(std::filesystem::file_size(out + "/sd15_unet.safetensors")) / 1e6);
     }
-    io::save_file(out + "/empty.safetensors", {}, {{"generator", "lycoris-cpp bench/gen_sd15"}});
+    // one LoRA module on a layer the base does not have: merged with --allow-unmatched it changes nothing
+    io::save_file(out + "/untouched.safetensors",
+                  {{"lycoris_not_in_the_base.lora_down.weight", torch::zeros({1, 8})},
+                   {"lycoris_not_in_the_base.lora_up.weight", torch::zeros({8, 1})}},
+                  {{"generator", "lycoris-cpp bench/gen_sd15"}});
     for (const auto& a : split(algos)) {
       uint64_t h = 1469598103934665603ull;  // FNV-1a of the name: each file's values independent of --algos order
       for (unsigned char c : a) h = (h ^ c) * 1099511628211ull;

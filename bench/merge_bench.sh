@@ -62,7 +62,7 @@ for cache in $caches; do
   for _ in $(seq "$RUNS"); do
     run cp "$cache" cp "$BASE" "$OUT"
     run cp+sync "$cache" sh -c 'cp "$1" "$2" && sync "$2"' sh "$BASE" "$OUT"
-    [ -f "$DATA/empty.safetensors" ] && run ours "$cache" "$BUILD/lycoris" merge "$BASE" "$DATA/empty.safetensors" -o "$OUT" --threads "$THREADS"
+    [ -f "$DATA/untouched.safetensors" ] && run ours "$cache" "$BUILD/lycoris" merge "$BASE" "$DATA/untouched.safetensors" -o "$OUT" --threads "$THREADS" --allow-unmatched
     for a in $ALGOS; do
       run "$a" "$cache" "$BUILD/lycoris" merge "$BASE" "$DATA/${a}_r16.safetensors" -o "$OUT" --threads "$THREADS"
     done

@@ -4,6 +4,7 @@
 #include <memory>
 
 #include "commands.hpp"
+#include "common.hpp"
 #include "lycoris/error.hpp"
 #include "lycoris/tools/check.hpp"
 
@@ -26,7 +27,7 @@ void register_check(CLI::App& app) {
     try {
       r = tools::check(a.adapter, a.base, naming::parse_base_format(a.base_format));
     } catch (const Error& e) {
-      std::cerr << "lycoris: error: " << e.what() << "\n";
+      print_error(e.what());
       throw CLI::RuntimeError(2);
     }
     std::cout << (a.json ? r.json() + "\n" : r.text());

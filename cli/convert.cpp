@@ -4,6 +4,7 @@
 #include <memory>
 
 #include "commands.hpp"
+#include "common.hpp"
 #include "lycoris/error.hpp"
 #include "lycoris/tools/convert.hpp"
 
@@ -29,7 +30,7 @@ void register_convert(CLI::App& app) {
     o.base = a.base;
     o.base_format = naming::parse_base_format(a.base_format);
     auto r = tools::convert(a.input, a.output, o);
-    for (const auto& w : r.warnings) std::cerr << "lycoris: warning: " << w << "\n";
+    for (const auto& w : r.warnings) warn(w);
     if (!a.quiet)
       std::printf("converted %zu module(s) (%zu tensors) from %s to %s: %s%s\n", r.modules, r.tensors,
                   tools::to_string(r.from), tools::to_string(o.to), a.output.c_str(),

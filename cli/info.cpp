@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "commands.hpp"
+#include "common.hpp"
 #include "lycoris/adapter_file.hpp"
 #include "lycoris/algorithms.hpp"
 #include "lycoris/error.hpp"
@@ -141,7 +142,7 @@ void run_info_all(const std::vector<std::string>& paths, bool as_json) {
     } catch (const std::exception& e) {
       if (paths.size() == 1) throw;
       std::cout << std::flush;
-      std::cerr << "lycoris: error: " << e.what() << "\n";
+      print_error(e.what());
       ++failed;
     }
   }

@@ -12,7 +12,9 @@
 #include <thread>
 
 #include "commands.hpp"
+#include "common.hpp"
 #include "lycoris/error.hpp"
+#include "lycoris/text.hpp"
 #include "lycoris/tools/merge.hpp"
 
 namespace lycoris::cli {
@@ -42,7 +44,7 @@ class ProgressBar {
     const double dt = p.seconds - first_.first, db = static_cast<double>(p.bytes_done - first_.second);
     const double eta = db > 0 && dt > 0 ? static_cast<double>(p.bytes_total - p.bytes_done) * dt / db : 0.0;
     const int width = 30, filled = static_cast<int>(frac * width);
-    std::string name = p.key ? *p.key : "";
+    std::string name = p.key ? escape_control(*p.key) : "";
     if (name.size() > 40) name = "…" + name.substr(name.size() - 39);
     std::fprintf(stderr, "\r[%s%s] %3d%% %zu/%zu %5.1fs ETA %5.1fs %-40s",
                  std::string(static_cast<size_t>(filled), '#').c_str(),
@@ -63,8 +65,8 @@ void register_merge(CLI::App& app) {
   struct Args {
     std::string base, output, dtype = "keep", device = "cpu";
     std::vector<std::string> adapters;
-    std::vector<double> weights;
-    bool allow_unmatched = false, progress = false, quiet = false;
+    std::vector<std::string> weights;
+    bool allow_unmatched = false, progress = false, quiet = false, force = false;
     std::string base_format = "auto";
     int threads = 0;
     uint64_t buffer_mb = 64;
@@ -75,6 +77,7 @@ void register_merge(CLI::App& app) {
   cmd->add_option("adapters", args->adapters, "adapter files, applied in order")->required();
   cmd->add_option("-o,--output", args->output, "output checkpoint (written atomically)")->required();
   cmd->add_option("-w,--weight", args->weights, "multiplier per adapter, in order (default 1.0 each)");
+  cmd->add_flag("--force", args->force, "accept weights beyond ±1e6");
   cmd->add_option("--dtype", args->dtype, "output dtype of float tensors: keep|fp32|fp16|bf16|fp64")
       ->capture_default_str();
   cmd->add_option("--device", args->device, "device for the ΔW math (cpu, cuda, cuda:1, …)")->capture_default_str();
@@ -100,18 +103,14 @@ void register_merge(CLI::App& app) {
                         std::to_string(a.adapters.size()) + " adapter(s): give one per adapter, in order");
     tools::MergeOptions opt;
     for (size_t i = 0; i < a.adapters.size(); ++i)
-      opt.adapters.push_back({a.adapters[i], a.weights.empty() ? 1.0 : a.weights[i]});
+      opt.adapters.push_back({a.adapters[i], a.weights.empty() ? 1.0 : parse_weight(a.weights[i], a.force)});
     opt.dtype = parse_dtype(a.dtype);
-    try {
-      opt.device = torch::Device(a.device);
-    } catch (const std::exception&) {
-      throw OptionError("--device: unknown device '" + a.device + "'");
-    }
+    opt.device = parse_device(a.device);
     opt.allow_unmatched = a.allow_unmatched;
     opt.base_format = naming::parse_base_format(a.base_format);
     opt.max_bytes_in_flight = a.buffer_mb << 20;
-    opt.threads = a.threads > 0 ? a.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-    opt.on_warning = [](const std::string& w) { std::cerr << "lycoris: warning: " << w << "\n"; };
+    opt.threads = thread_count(a.threads);
+    opt.on_warning = [](const std::string& w) { warn(w); };
     ProgressBar bar;
     if (a.progress || isatty(STDERR_FILENO)) opt.on_progress = [&bar](const tools::MergeProgress& p) { bar.update(p); };
     auto r = tools::merge(a.base, a.output, opt);

@@ -5,17 +5,13 @@
 #include "lycoris/algorithms.hpp"
 #include "lycoris/error.hpp"
 #include "lycoris/functional/common.hpp"
+#include "lycoris/text.hpp"
 
 namespace lycoris {
 
 namespace {
 
-std::string join(const std::vector<std::string>& items, const std::string& sep, size_t max_items = 10) {
-  std::string out;
-  for (size_t i = 0; i < items.size() && i < max_items; ++i) out += (i ? sep : "") + items[i];
-  if (items.size() > max_items) out += sep + "… and " + std::to_string(items.size() - max_items) + " more";
-  return out;
-}
+constexpr size_t kListed = 10;  // items named in one message
 
 // "<module>: <reason>" without repeating the module name when the reason already starts with it.
 std::string problem(const std::string& module, const std::string& reason) {
@@ -42,7 +38,10 @@ LoadedAdapter load_adapter_for_base(const io::SafetensorsFile& file, const namin
   for (const auto& t : file.header().tensors)
     arena_bytes += functional::OwnedFloatArena::bytes_for(t.numel(), t.dtype == io::DType::F64);
   functional::OwnedFloatArena arena(arena_bytes);
-  for (const auto& [name, tensors] : group_modules(file)) {
+  std::vector<std::string> stray;
+  const auto groups = group_modules(file, &stray);
+  if (groups.empty()) throw KeyError(file.path() + ": " + no_modules_problem(file.tensors().size()));
+  for (const auto& [name, tensors] : groups) {
     const Algorithm* algo = detect_algorithm(tensors);
     if (!algo) {
       std::vector<std::string> keys;
@@ -53,7 +52,7 @@ LoadedAdapter load_adapter_for_base(const io::SafetensorsFile& file, const namin
     auto candidates = base_names.find(name);
     if (candidates.empty()) {
       auto near = base_names.closest(name, 3);
-      skippable.push_back(name + ": matches no base tensor" + (near.empty() ? "" : " (closest: " + join(near, ", ") + ")"));
+      skippable.push_back(name + ": matches no base tensor" + (near.empty() ? "" : " (closest: " + join(near, ", ", kListed) + ")"));
       continue;
     }
     // Colliding paths (`a.b_c` / `a_b.c`) give one name to several layers: keep the ones the module fits.
@@ -90,7 +89,7 @@ LoadedAdapter load_adapter_for_base(const io::SafetensorsFile& file, const namin
     if (fits.size() > 1) {
       std::vector<std::string> keys;
       for (const auto& f : fits) keys.push_back(f.first->layer.weight_key);
-      fatal.push_back(name + ": ambiguous, the name denotes several base layers (" + join(keys, ", ") + ")");
+      fatal.push_back(name + ": ambiguous, the name denotes several base layers (" + join(keys, ", ", kListed) + ")");
       continue;
     }
     AdapterModule m;
@@ -105,12 +104,17 @@ LoadedAdapter load_adapter_for_base(const io::SafetensorsFile& file, const namin
   }
 
   if (!fatal.empty())
-    throw KeyError(file.path() + ": " + std::to_string(fatal.size()) + " malformed module(s): " + join(fatal, "; "));
+    throw KeyError(file.path() + ": " + std::to_string(fatal.size()) + " malformed module(s): " + join(fatal, "; ", kListed));
+  if (!stray.empty()) {
+    if (!options.allow_unmatched)
+      throw KeyError(file.path() + ": " + stray_keys_problem(stray) + " (allow unmatched modules to skip them)");
+    out.warnings.push_back(file.path() + ": skipped " + stray_keys_problem(stray));
+  }
   if (!skippable.empty()) {
     if (!options.allow_unmatched)
       throw KeyError(file.path() + ": " + std::to_string(skippable.size()) +
                      " module(s) do not fit the base checkpoint (allow unmatched modules to skip them): " +
-                     join(skippable, "; "));
+                     join(skippable, "; ", kListed));
     for (auto& s : skippable) out.warnings.push_back(file.path() + ": skipped " + s);
   }
   return out;

@@ -488,14 +488,15 @@ TEST(ExtractErrors, CliExitsNonZeroWithOneLine) {
   io::save_file(dir + "/base.safetensors", {{"a.weight", torch::zeros({4, 3})}});
   io::save_file(dir + "/shape.safetensors", {{"a.weight", torch::ones({4, 4})}});
   const std::string b = "'" + dir + "/base.safetensors' ";
-  for (const std::string args :
-       {"extract " + b + "'" + dir + "/shape.safetensors' -o '" + dir + "/o.safetensors'",
-        "extract " + b + b + "-o '" + dir + "/o.safetensors' --mode ratio --linear-ratio 2",
-        "extract " + b + b + "-o '" + dir + "/o.safetensors' --algo nope",
-        "extract " + b + b + "-o '" + dir + "/o.safetensors' --linear-dim 0",
-        "extract " + b + b + "-o '" + dir + "/o.safetensors' --dtype int8"}) {
+  // bad input exits 1, a bad option value 2 (a usage error)
+  for (const auto& [args, code] : std::vector<std::pair<std::string, int>>{
+           {"extract " + b + "'" + dir + "/shape.safetensors' -o '" + dir + "/o.safetensors'", 1},
+           {"extract " + b + b + "-o '" + dir + "/o.safetensors' --mode ratio --linear-ratio 2", 2},
+           {"extract " + b + b + "-o '" + dir + "/o.safetensors' --algo nope", 2},
+           {"extract " + b + b + "-o '" + dir + "/o.safetensors' --linear-dim 0", 2},
+           {"extract " + b + b + "-o '" + dir + "/o.safetensors' --dtype int8", 2}}) {
     auto r = run_cli(args);
-    EXPECT_EQ(r.code, 1) << args;
+    EXPECT_EQ(r.code, code) << args;
     EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
     EXPECT_EQ(r.err.rfind("lycoris: error: ", 0), 0u) << r.err;
   }

@@ -252,16 +252,21 @@ TEST(IoSafetensors, WriterIsAtomic) {
   auto path = dir + "/model.safetensors";
   save_file(path, {{"old", torch::ones({4})}});
   const auto before = read_all(path);
-  // An exception in the middle of writing: destination untouched, temporary removed.
-  try {
-    SafetensorsWriter w(path, {{"a", DType::F32, {1000}}, {"b", DType::F32, {1000}}});
-    w.write("a", torch::zeros({1000}));
-    EXPECT_EQ(files_in(dir), 2u);  // destination + temporary in the same directory
-    throw std::runtime_error("simulated failure");
-  } catch (const std::runtime_error&) {
+  // An exception in the middle of writing: destination untouched, temporary removed. The temporary has
+  // no name at all (O_TMPFILE) or, where that is unavailable, a name in the same directory.
+  for (bool named : {false, true}) {
+    if (named) setenv("LYCORIS_NO_TMPFILE", "1", 1);
+    try {
+      SafetensorsWriter w(path, {{"a", DType::F32, {1000}}, {"b", DType::F32, {1000}}});
+      w.write("a", torch::zeros({1000}));
+      EXPECT_EQ(files_in(dir), named ? 2u : 1u);
+      throw std::runtime_error("simulated failure");
+    } catch (const std::runtime_error&) {
+    }
+    unsetenv("LYCORIS_NO_TMPFILE");
+    EXPECT_EQ(read_all(path), before);
+    EXPECT_EQ(files_in(dir), 1u);
   }
-  EXPECT_EQ(read_all(path), before);
-  EXPECT_EQ(files_in(dir), 1u);
   // A writer never committed (nothing written at all) also leaves no trace.
   { SafetensorsWriter w(dir + "/new.safetensors", {{"a", DType::F32, {1}}}); }
   EXPECT_FALSE(fs::exists(dir + "/new.safetensors"));

@@ -2,9 +2,15 @@
 
 #include <atomic>
 #include <filesystem>
+#include <algorithm>
+#include <chrono>
+#include <fstream>
 #include <sstream>
+#include <thread>
 
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/wait.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -61,6 +67,121 @@ FileSizeLimit::~FileSizeLimit() {
   limit.rlim_cur = previous_cur_;
   setrlimit(RLIMIT_FSIZE, &limit);
   signal(SIGXFSZ, previous_handler_);
+}
+
+std::string slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+size_t count_lines(const std::string& text) {
+  size_t n = 0;
+  for (char ch : text) n += ch == '\n';
+  if (!text.empty() && text.back() != '\n') ++n;
+  return n;
+}
+
+std::vector<std::string> listing(const std::string& dir) {
+  std::vector<std::string> out;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) out.push_back(e.path().filename().string());
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+CliProcess::CliProcess(const std::vector<std::string>& args, const CliOptions& options)
+    : dir_(temp_dir("cli")), timeout_(options.timeout_seconds) {
+  // everything the child needs is prepared before fork: between fork and exec only system calls
+  // LYCORIS_TEST_CLI runs the tests against another build of the CLI (e.g. an older one, to see them fail)
+  const char* other = std::getenv("LYCORIS_TEST_CLI");
+  const std::string exe = other ? other : LYCORIS_CLI, out = dir_ + "/stdout", err = dir_ + "/stderr";
+  std::vector<std::string> argv_s{exe};
+  argv_s.insert(argv_s.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (auto& a : argv_s) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  std::vector<std::string> env_s;
+  for (char** e = environ; *e; ++e) env_s.emplace_back(*e);
+  env_s.insert(env_s.end(), options.env.begin(), options.env.end());
+  std::vector<char*> envp;
+  for (auto& e : env_s) envp.push_back(e.data());
+  envp.push_back(nullptr);
+  const uint64_t fsize = options.file_size_limit;
+
+  pid_ = fork();
+  if (pid_ < 0) throw std::runtime_error("fork failed");
+  if (pid_ == 0) {
+    for (int sig = 1; sig < NSIG; ++sig)
+      if (sig != SIGKILL && sig != SIGSTOP) ::signal(sig, SIG_DFL);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, nullptr);
+    if (fsize) {
+      struct rlimit limit {};
+      getrlimit(RLIMIT_FSIZE, &limit);
+      limit.rlim_cur = fsize;
+      setrlimit(RLIMIT_FSIZE, &limit);
+    }
+    const int o = ::open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    const int e = ::open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (o < 0 || e < 0) _exit(127);
+    dup2(o, 1);
+    dup2(e, 2);
+    execve(exe.c_str(), argv.data(), envp.data());
+    _exit(127);
+  }
+}
+
+CliProcess::~CliProcess() {
+  if (!reaped_ && pid_ > 0) {
+    ::kill(pid_, SIGKILL);
+    int status = 0;
+    waitpid(pid_, &status, 0);
+  }
+  std::error_code ec;
+  std::filesystem::remove_all(dir_, ec);
+}
+
+bool CliProcess::wait_for_stderr(const std::string& text, double seconds) {
+  const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  while (std::chrono::steady_clock::now() < end) {
+    if (slurp(dir_ + "/stderr").find(text) != std::string::npos) return true;
+    int status = 0;
+    if (waitpid(pid_, &status, WNOHANG | WNOWAIT) == pid_) return false;  // exited (not reaped yet)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return false;
+}
+
+void CliProcess::send(int sig) { ::kill(pid_, sig); }
+
+CliResult CliProcess::wait() {
+  CliResult r;
+  const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_);
+  int status = 0;
+  for (;;) {
+    const pid_t done = waitpid(pid_, &status, WNOHANG);
+    if (done == pid_) break;
+    if (std::chrono::steady_clock::now() > end) {
+      r.timed_out = true;
+      ::kill(pid_, SIGKILL);
+      waitpid(pid_, &status, 0);
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  reaped_ = true;
+  if (WIFEXITED(status)) r.code = WEXITSTATUS(status);
+  if (WIFSIGNALED(status)) r.signal = WTERMSIG(status);
+  r.out = slurp(dir_ + "/stdout");
+  r.err = slurp(dir_ + "/stderr");
+  return r;
+}
+
+CliResult run_cli(const std::vector<std::string>& args, const CliOptions& options) {
+  CliProcess p(args, options);
+  return p.wait();
 }
 
 }  // namespace lycoris::test

@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include <string>
+#include <vector>
 
 namespace lycoris::test {
 
@@ -32,5 +33,52 @@ class FileSizeLimit {
   uint64_t previous_cur_ = 0;
   void (*previous_handler_)(int) = nullptr;
 };
+
+// ---- the `lycoris` CLI as a child process (the real binary: exit codes, signals, limits)
+
+struct CliResult {
+  int code = -1;       // exit status; -1 when ended by a signal
+  int signal = 0;      // the signal that ended it, 0 if it exited
+  bool timed_out = false;
+  std::string out, err;
+};
+
+struct CliOptions {
+  std::vector<std::string> env;  // "NAME=value" added to the child's environment
+  uint64_t file_size_limit = 0;  // RLIMIT_FSIZE of the child (0: unchanged)
+  double timeout_seconds = 120;  // then the child is killed and timed_out set
+};
+
+// The child starts with every signal at its default disposition and none blocked, whatever this process
+// does with them (ignored signals would be inherited through exec and hide the CLI's own handling).
+class CliProcess {
+ public:
+  explicit CliProcess(const std::vector<std::string>& args, const CliOptions& options = {});
+  ~CliProcess();  // kills and reaps the child if still running
+  CliProcess(const CliProcess&) = delete;
+  CliProcess& operator=(const CliProcess&) = delete;
+
+  int pid() const { return pid_; }
+  // Waits until the child's stderr contains `text` (true), or it exits or `seconds` pass (false).
+  bool wait_for_stderr(const std::string& text, double seconds);
+  void send(int sig);
+  CliResult wait();
+
+ private:
+  int pid_ = -1;
+  std::string dir_;
+  double timeout_;
+  bool reaped_ = false;
+};
+
+// Runs `lycoris args...` to the end.
+CliResult run_cli(const std::vector<std::string>& args, const CliOptions& options = {});
+
+// The whole content of a file ("" if it cannot be read).
+std::string slurp(const std::string& path);
+// Lines in a text (a last line without '\n' counts).
+size_t count_lines(const std::string& text);
+// The names in a directory, sorted.
+std::vector<std::string> listing(const std::string& dir);
 
 }  // namespace lycoris::test

@@ -15,8 +15,15 @@
 namespace lycoris {
 
 // module name (text before the first '.') → {suffix (the rest) → tensor (zero-copy view of the file)}.
-// Keys without a '.' belong to no module and are left out (the reference loaders ignore them).
-std::map<std::string, TensorMap> group_modules(const io::SafetensorsFile& file);
+// Keys without a '.' belong to no module: they are left out, and listed in `stray_keys` when it is given
+// (the reference loaders ignore them silently; our tools name them).
+std::map<std::string, TensorMap> group_modules(const io::SafetensorsFile& file,
+                                               std::vector<std::string>* stray_keys = nullptr);
+
+// The problems a tool reports about an adapter file as a whole (one line, without the file name):
+// tensors that belong to no module, and a file with no module at all ("nothing to apply").
+std::string stray_keys_problem(const std::vector<std::string>& stray_keys);
+std::string no_modules_problem(size_t tensors);
 
 // One module of an adapter file, resolved to a base layer and loaded.
 struct AdapterModule {
@@ -30,7 +37,7 @@ struct AdapterModule {
 struct LoadedAdapter {
   std::string path;
   std::vector<AdapterModule> modules;  // in module-name order
-  std::vector<std::string> warnings;   // modules skipped because of allow_unmatched (one line each)
+  std::vector<std::string> warnings;   // what allow_unmatched skipped: modules, stray keys (one line each)
 };
 
 struct AdapterLoadOptions {
@@ -47,9 +54,10 @@ struct AdapterLoadOptions {
 // Loads every module of `adapter` against a base checkpoint given by its key → shape table:
 // resolves each module name to a base layer (naming::Resolver), detects its algorithm (registry), builds
 // the LayerSpec from the base weight's shape and loads it (which validates every stored shape).
-// Errors (one message listing every offending module): a key set no algorithm recognises (module and its
-// keys), a malformed module (missing/unknown key, inconsistent shapes), and — unless allow_unmatched — a
-// module that matches no base layer (with the closest names) or matches one whose shape it does not fit.
+// Errors (one message listing every offending module): a file with no module, a key set no algorithm
+// recognises (module and its keys), a malformed module (missing/unknown key, inconsistent shapes), and —
+// unless allow_unmatched — tensors outside any module, a module that matches no base layer (with the
+// closest names) or matches one whose shape it does not fit.
 LoadedAdapter load_adapter_for_base(const io::SafetensorsFile& adapter, const naming::Resolver& base_names,
                                     const std::map<std::string, std::vector<int64_t>>& base_shapes,
                                     const AdapterLoadOptions& options = {});

@@ -8,6 +8,8 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <cstdint>
 #include <sstream>
 
@@ -243,5 +245,24 @@ void convert_into(const torch::Tensor& dst, const torch::Tensor& src) {
   dst.copy_(src);
 }
 
-}  // namespace lycoris::functional
+double overflow_threshold(torch::ScalarType dtype) {
+  // max finite value + half its ulp: values from there on round up to Inf (the tie goes to the even
+  // significand, which is Inf's)
+  switch (dtype) {
+    case torch::kFloat16: return 65520.0;
+    case torch::kBFloat16: return std::ldexp(1.0, 128) - std::ldexp(1.0, 119);
+    case torch::kFloat32: return std::ldexp(1.0, 128) - std::ldexp(1.0, 103);
+    default: return std::numeric_limits<double>::infinity();
+  }
+}
 
+bool finite_in(const torch::Tensor& t, torch::ScalarType dtype) {
+  if (t.numel() == 0 || !t.is_floating_point()) return true;
+  // min and max in one pass; NaN propagates into both
+  auto [lo, hi] = torch::aminmax(t);
+  const double limit = overflow_threshold(dtype);
+  const double a = lo.item<double>(), b = hi.item<double>();
+  return std::isfinite(a) && std::isfinite(b) && -a < limit && b < limit;
+}
+
+}  // namespace lycoris::functional

@@ -29,8 +29,11 @@ uint64_t pread_full(int fd, const std::string& path, void* p, uint64_t n, uint64
 // to buffered mode and the write goes on. Returns 0 or errno.
 int pwrite_all(int fd, const uint8_t* p, uint64_t n, uint64_t off);
 
-// `path` is created as `path.tmp-<pid>-<n>` and renamed into place by commit() (after fsync; the
-// directory is synced too, so the rename is durable); destroyed uncommitted, the temporary is removed.
+// The data goes to an unnamed file in `path`'s directory (O_TMPFILE), which commit() links as
+// `path.tmp-<pid>-<n>` and renames into place (after fsync; the directory is synced too, so the rename is
+// durable). Where the filesystem has no O_TMPFILE (or LYCORIS_NO_TMPFILE is set) the file has that name
+// from the start. Destroyed uncommitted, nothing is left; a named temporary is also removed by the handler
+// of remove_temporaries_on_signals().
 class AtomicFile {
  public:
   static constexpr uint64_t kAlign = 4096;  // block size O_DIRECT transfers are aligned to (≥ 512, = page)
@@ -56,6 +59,8 @@ class AtomicFile {
   std::string path_, tmp_;
   int fd_ = -1;
   bool committed_ = false;
+  bool unnamed_ = false;         // O_TMPFILE, not linked yet
+  char* registered_ = nullptr;   // tmp_'s slot in the signal handler's list, while the name exists
 };
 
 }  // namespace lycoris::io::detail

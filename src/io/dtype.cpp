@@ -11,13 +11,17 @@ struct Entry {
   DType dtype;
   const char* name;
   size_t size;
+  bool floating;
+  bool torch;  // has a torch dtype (float8 is decoded to F32 instead)
 };
 // The one table: every other mapping (torch types, names, sizes) derives from it.
 constexpr Entry kTable[] = {
-    {DType::F64, "F64", 8},  {DType::F32, "F32", 4},         {DType::F16, "F16", 2},
-    {DType::BF16, "BF16", 2}, {DType::I64, "I64", 8},        {DType::I32, "I32", 4},
-    {DType::I16, "I16", 2},  {DType::I8, "I8", 1},           {DType::U8, "U8", 1},
-    {DType::BOOL, "BOOL", 1}, {DType::F8_E4M3, "F8_E4M3", 1}, {DType::F8_E5M2, "F8_E5M2", 1},
+    {DType::F64, "F64", 8, true, true},          {DType::F32, "F32", 4, true, true},
+    {DType::F16, "F16", 2, true, true},          {DType::BF16, "BF16", 2, true, true},
+    {DType::I64, "I64", 8, false, true},         {DType::I32, "I32", 4, false, true},
+    {DType::I16, "I16", 2, false, true},         {DType::I8, "I8", 1, false, true},
+    {DType::U8, "U8", 1, false, true},           {DType::BOOL, "BOOL", 1, false, true},
+    {DType::F8_E4M3, "F8_E4M3", 1, true, false}, {DType::F8_E5M2, "F8_E5M2", 1, true, false},
 };
 
 const Entry& entry(DType d) {
@@ -40,6 +44,8 @@ float decode(uint8_t byte, int mbits, int bias) {
 
 const char* dtype_name(DType d) { return entry(d).name; }
 size_t item_size(DType d) { return entry(d).size; }
+bool is_floating(DType d) { return entry(d).floating; }
+bool has_torch_dtype(DType d) { return entry(d).torch; }
 
 bool parse_dtype(const std::string& name, DType& out) {
   for (const auto& e : kTable)

@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <csignal>
 #include <cstdlib>
 #include <cstring>
 #include <future>
@@ -263,20 +264,84 @@ std::string header_bytes(const std::string& json) {
   return out + json;
 }
 
+namespace {
+
+// Named temporaries of writers in progress, for the signal handler: fixed slots of heap strings, taken and
+// given back with atomics only, so the handler may read them (async-signal-safe: no locks, no allocation).
+constexpr size_t kTempSlots = 64;
+std::atomic<char*> g_temp_slots[kTempSlots];
+
+char* register_temporary(const std::string& name) {
+  char* copy = ::strdup(name.c_str());
+  if (!copy) return nullptr;
+  for (auto& slot : g_temp_slots) {
+    char* expected = nullptr;
+    if (slot.compare_exchange_strong(expected, copy)) return copy;
+  }
+  std::free(copy);  // more than kTempSlots writers at once: this one is only removed by its destructor
+  return nullptr;
+}
+
+void unregister_temporary(char* copy) {
+  if (!copy) return;
+  for (auto& slot : g_temp_slots) {
+    char* expected = copy;
+    if (slot.compare_exchange_strong(expected, nullptr)) break;
+  }
+  std::free(copy);  // not freed by the handler: it only exchanges the slot and unlinks
+}
+
+void remove_temporaries_and_reraise(int sig) {
+  const int saved = errno;
+  for (auto& slot : g_temp_slots)
+    if (char* name = slot.exchange(nullptr)) ::unlink(name);
+  errno = saved;
+  ::signal(sig, SIG_DFL);
+  ::raise(sig);
+}
+
+std::string directory_of(const std::string& path) {
+  const auto slash = path.rfind('/');
+  if (slash == std::string::npos) return ".";
+  return slash == 0 ? "/" : path.substr(0, slash);
+}
+
+}  // namespace
+
 AtomicFile::AtomicFile(std::string path) : path_(std::move(path)) {
+  // An output that exists must be a regular file: the rename would replace a directory's entry (or, as
+  // root, a device node); known now, before any work.
+  struct stat st {};
+  if (::stat(path_.c_str(), &st) == 0 && !S_ISREG(st.st_mode))
+    throw IOError(path_ + ": cannot write the output here: " +
+                  (S_ISDIR(st.st_mode) ? "it is a directory" : "it exists and is not a regular file"));
   static std::atomic<unsigned> counter{0};
   tmp_ = path_ + ".tmp-" + std::to_string(getpid()) + "-" + std::to_string(counter++);
+  // An unnamed file in the destination directory: nothing named is left behind even by SIGKILL. Where the
+  // filesystem has no O_TMPFILE, a named temporary, removed by the destructor or by the signal handler.
+  if (!std::getenv("LYCORIS_NO_TMPFILE")) {
+    fd_ = ::open(directory_of(path_).c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0666);
+    if (fd_ >= 0) {
+      unnamed_ = true;
+      return;
+    }
+    if (errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL && errno != ENOENT)
+      throw IOError(path_ + ": cannot create a temporary file in " + directory_of(path_) + ": " + errno_text());
+  }
   fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
   if (fd_ < 0) throw IOError(path_ + ": cannot create temporary file " + tmp_ + ": " + errno_text());
+  registered_ = register_temporary(tmp_);
 }
 
 AtomicFile::~AtomicFile() {
   if (fd_ >= 0) ::close(fd_);
-  if (!committed_) ::unlink(tmp_.c_str());
+  if (!committed_ && !unnamed_) ::unlink(tmp_.c_str());
+  unregister_temporary(registered_);
 }
 
 void AtomicFile::fail(const std::string& what) const {
-  throw IOError(path_ + ": " + what + " (temporary file " + tmp_ + "): " + errno_text());
+  const std::string where = unnamed_ ? "unnamed temporary file in " + directory_of(path_) : "temporary file " + tmp_;
+  throw IOError(path_ + ": " + what + " (" + where + "): " + errno_text());
 }
 
 void AtomicFile::reserve(uint64_t size) {
@@ -292,15 +357,25 @@ bool AtomicFile::try_direct() {
 void AtomicFile::commit(uint64_t size) {
   if (ftruncate(fd_, static_cast<off_t>(size)) != 0) fail("truncate failed");
   if (fsync(fd_) != 0) fail("fsync failed");
+  if (unnamed_) {
+    // Give the unnamed file its temporary name (linkat cannot replace an existing output), then rename as
+    // below. The name exists only between these two calls; the signal handler covers that window.
+    registered_ = register_temporary(tmp_);
+    const std::string self = "/proc/self/fd/" + std::to_string(fd_);
+    if (::linkat(AT_FDCWD, self.c_str(), AT_FDCWD, tmp_.c_str(), AT_SYMLINK_FOLLOW) != 0 &&
+        ::linkat(fd_, "", AT_FDCWD, tmp_.c_str(), AT_EMPTY_PATH) != 0)
+      fail("cannot link the finished file");
+    unnamed_ = false;
+  }
   const int fd = fd_;
   fd_ = -1;
   if (::close(fd) != 0) fail("close failed");
   if (std::rename(tmp_.c_str(), path_.c_str()) != 0) fail("rename failed");
   committed_ = true;
+  unregister_temporary(registered_);
+  registered_ = nullptr;
   // Make the rename itself durable.
-  std::string dir = path_.find('/') == std::string::npos ? "." : path_.substr(0, path_.rfind('/'));
-  if (dir.empty()) dir = "/";
-  int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  int dfd = ::open(directory_of(path_).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dfd >= 0) {
     fsync(dfd);
     ::close(dfd);
@@ -308,6 +383,16 @@ void AtomicFile::commit(uint64_t size) {
 }
 
 }  // namespace detail
+
+void remove_temporaries_on_signals(std::initializer_list<int> signals) {
+  for (int sig : signals) {
+    struct sigaction sa {};
+    sa.sa_handler = detail::remove_temporaries_and_reraise;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESETHAND;
+    sigaction(sig, &sa, nullptr);
+  }
+}
 
 struct SafetensorsWriter::State {
   detail::AtomicFile file;

@@ -14,7 +14,9 @@
 #include "lycoris/functional/common.hpp"
 #include "lycoris/io/safetensors.hpp"
 #include "lycoris/layer.hpp"
+#include "lycoris/text.hpp"
 #include "lycoris/tools/convert.hpp"
+#include "lycoris/adapter_file.hpp"
 
 namespace lycoris::tools {
 
@@ -40,11 +42,24 @@ std::string family(const std::string& path) {
   return out;
 }
 
-std::string join(const std::vector<std::string>& v, const std::string& sep, size_t max_items = SIZE_MAX) {
-  std::string out;
-  for (size_t i = 0; i < v.size() && i < max_items; ++i) out += (i ? sep : "") + v[i];
-  if (v.size() > max_items) out += sep + "… and " + std::to_string(v.size() - max_items) + " more";
-  return out;
+// The module merged at weight 1 into its base layer must stay finite in the base's dtype, as a merge
+// writes it: "" when it does, else the problem ("overflow: …").
+std::string merge_overflow(const io::SafetensorsFile& base, const naming::BaseLayer& layer, AdapterImpl& adapter) {
+  const auto& info = base.info(layer.weight_key);
+  if (!io::is_floating(info.dtype) || !io::has_torch_dtype(info.dtype)) return "";
+  auto W = base.tensor(layer.weight_key);
+  if (layer.fused()) {
+    const int64_t rows = W.size(0) / layer.parts;
+    W = W.narrow(0, layer.part * rows, rows);
+  }
+  const auto dtype = io::to_torch(info.dtype);
+  const auto merged = adapter.apply_weight(W.to(dtype == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32), 1.0);
+  if (F::finite_in(merged, dtype)) return "";
+  char buf[160];
+  std::snprintf(buf, sizeof buf, "overflow: merged at weight 1, %s reaches |x| = %.4g, beyond the range of %s: a merge "
+                "would write Inf (merge with a wider --dtype or a smaller weight)",
+                layer.weight_key.c_str(), merged.abs().max().item<double>(), io::dtype_name(info.dtype));
+  return buf;
 }
 
 bool has(const TensorMap& t, const char* k) { return t.count(k) > 0; }
@@ -133,7 +148,7 @@ std::vector<std::pair<std::string, std::string>> loader_notes(const std::string&
 }  // namespace
 
 size_t CheckReport::problems() const {
-  size_t n = 0;
+  size_t n = file_problems.size();
   for (const auto& m : modules) n += m.problems.empty() ? 0 : 1;
   return n;
 }
@@ -146,6 +161,8 @@ CheckReport check(const std::string& adapter_path, const std::string& base_path,
   auto adapter = read_adapter(adapter_path);
   report.adapter_format = to_string(adapter.format);
   report.input_notes = adapter.notes;
+  if (adapter.modules.empty()) report.file_problems.push_back(no_modules_problem(adapter.tensors));
+  if (!adapter.stray_keys.empty()) report.file_problems.push_back(stray_keys_problem(adapter.stray_keys));
   const auto keys = base.names();
   const naming::Resolver names(keys, format);
   report.base_layout = naming::to_string(format == naming::BaseFormat::Auto ? naming::detect_base_format(keys) : format);
@@ -184,12 +201,13 @@ CheckReport check(const std::string& adapter_path, const std::string& base_path,
       c.problems.insert(c.problems.begin(), "unmatched: matches no base layer (closest: " + join(c.closest, ", ") + ")");
     } else if (algo) {
       std::vector<const naming::Resolution*> fits;
+      AdapterPtr fitted;
       std::string shape_problem, malformed;
       for (const auto* h : hits) {
         try {
           const auto shape = naming::layer_shape(h->layer, shapes.at(h->layer.weight_key));
           const auto spec = LayerSpec::from_weight_shape(shape, !h->layer.bias_key.empty());
-          algo->load(m.name, m.tensors, spec);
+          fitted = algo->load(m.name, m.tensors, spec);
           fits.push_back(h);
         } catch (const ShapeError& e) {
           if (shape_problem.empty()) shape_problem = std::string(e.what()) + " (base " + h->layer.weight_key + ")";
@@ -206,6 +224,10 @@ CheckReport check(const std::string& adapter_path, const std::string& base_path,
         std::vector<std::string> k;
         for (const auto* f : fits) k.push_back(f->layer.weight_key);
         c.problems.insert(c.problems.begin(), "ambiguous: the name denotes several base layers (" + join(k, ", ") + ")");
+      }
+      if (target && fits.size() == 1 && c.problems.empty()) {
+        fitted->eval();
+        if (auto overflow = merge_overflow(base, target->layer, *fitted); !overflow.empty()) c.problems.push_back(overflow);
       }
       if (target) {
         c.base_key = target->layer.weight_key;
@@ -253,6 +275,7 @@ std::string CheckReport::json() const {
   j["adapter_format"] = adapter_format;
   j["base_layout"] = base_layout;
   j["problems"] = problems();
+  j["file_problems"] = file_problems;
   j["modules"] = nlohmann::json::array();
   for (const auto& m : modules) {
     nlohmann::ordered_json o;
@@ -276,34 +299,43 @@ std::string CheckReport::json() const {
 }
 
 std::string CheckReport::text() const {
+  // names and keys come from the files: escaped, so that none can forge a line of this report
+  const auto safe = [](const std::string& t) { return escape_control(t); };
   std::ostringstream os;
-  os << "adapter " << adapter << " (" << adapter_format << " naming, " << modules.size() << " modules)\n";
-  os << "base    " << base << " (" << base_layout << " layout)\n";
-  for (const auto& n : input_notes) os << "note: " << n << "\n";
+  os << "adapter " << safe(adapter) << " (" << adapter_format << " naming, " << modules.size() << " modules)\n";
+  os << "base    " << safe(base) << " (" << base_layout << " layout)\n";
+  for (const auto& n : input_notes) os << "note: " << safe(n) << "\n";
+  for (const auto& p : file_problems) os << "PROBLEM  the file " << safe(p) << "\n";
   for (const auto& m : modules) {
     std::string status = m.status;
     for (auto& ch : status) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
-    os << status << "  " << m.name;
+    os << status << "  " << safe(m.name);
     if (!m.base_key.empty()) {
-      os << " -> " << m.base_key;
+      os << " -> " << safe(m.base_key);
       if (m.parts) os << " rows part " << m.part << "/" << m.parts;
-      os << "  [" << m.rule << ", " << m.prefix << "]";
+      os << "  [" << m.rule << ", " << safe(m.prefix) << "]";
     }
     if (!m.algo.empty()) os << "  " << m.algo;
     os << "\n";
-    for (const auto& p : m.problems) os << "    " << p << "\n";
+    for (const auto& p : m.problems) os << "    " << safe(p) << "\n";
   }
   if (!uncovered.empty())
-    os << uncovered.size() << " base layer(s) of families the adapter covers elsewhere (" << join(families, ", ", 12)
-       << ") are not touched:\n    " << join(uncovered, "\n    ", 30) << "\n";
+  {
+    std::vector<std::string> shown;
+    for (const auto& u : uncovered) shown.push_back(safe(u));
+    os << uncovered.size() << " base layer(s) of families the adapter covers elsewhere ("
+       << safe(join(families, ", ", 12)) << ") are not touched:\n    " << join(shown, "\n    ", 30) << "\n";
+  }
   if (!notes.empty()) {
     os << "other loaders read this file differently:\n";
     for (const auto& n : notes)
-      os << "  - " << n.topic << " (" << n.modules.size() << " module(s), e.g. " << n.modules.front() << "): " << n.text
-         << "\n";
+      os << "  - " << n.topic << " (" << n.modules.size() << " module(s), e.g. " << safe(n.modules.front())
+         << "): " << n.text << "\n";
   }
   const size_t p = problems();
-  if (p) os << p << " module(s) with problems\n";
+  if (p && file_problems.empty()) os << p << " module(s) with problems\n";
+  else if (p) os << p << " problem(s): " << file_problems.size() << " with the file, " << p - file_problems.size()
+                 << " module(s)\n";
   else os << "clean: every module maps to a base layer and fits it\n";
   return os.str();
 }

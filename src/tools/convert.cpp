@@ -11,6 +11,7 @@
 #include <set>
 
 #include "lycoris/algorithms.hpp"
+#include "lycoris/adapter_file.hpp"
 #include "lycoris/error.hpp"
 #include "lycoris/functional/common.hpp"
 #include "lycoris/io/safetensors.hpp"
@@ -242,6 +243,7 @@ AdapterContents read_adapter(const std::string& path) {
   AdapterContents out;
   out.path = path;
   out.metadata = file.metadata();
+  out.tensors = file.tensors().size();
   size_t peft = 0, other = 0;
   for (const auto& info : file.tensors()) (is_peft_key(info.name) ? peft : other)++;
   if (peft && other) {
@@ -291,17 +293,12 @@ AdapterContents read_adapter(const std::string& path) {
     if (cfg.found) out.notes.push_back("alphas from adapter_config.json (lora_alpha/r, alpha_pattern, rank_pattern)");
   } else {
     bool lycoris = false;
-    for (const auto& info : file.tensors()) {
-      const auto dot = info.name.find('.');
-      if (dot == std::string::npos) continue;  // belongs to no module (FORMAT.md §1)
-      const auto name = info.name.substr(0, dot);
+    for (auto& [name, tensors] : group_modules(file, &out.stray_keys)) {
       auto& m = modules[name];
-      if (m.name.empty()) {
-        m.name = name;
-        std::tie(m.component, m.underscored) = split_module_name(name);
-        lycoris |= m.component == "model";
-      }
-      m.tensors[info.name.substr(dot + 1)] = file.tensor(info.name);
+      m.name = name;
+      std::tie(m.component, m.underscored) = split_module_name(name);
+      lycoris |= m.component == "model";
+      m.tensors = std::move(tensors);
     }
     out.format = lycoris ? AdapterFormat::Lycoris : AdapterFormat::Kohya;
   }
@@ -399,6 +396,9 @@ std::string peft_refusal(const Algorithm* algo, const TensorMap& t) {
 ConvertReport convert(const std::string& input, const std::string& output, const ConvertOptions& o) {
   ConvertReport report;
   auto in = read_adapter(input);
+  if (in.modules.empty()) throw KeyError(input + ": " + no_modules_problem(in.tensors));
+  // converted, they would be dropped without a word
+  if (!in.stray_keys.empty()) throw KeyError(input + ": " + stray_keys_problem(in.stray_keys));
   report.from = in.format;
   for (const auto& n : in.notes) report.warnings.push_back(n);
   {

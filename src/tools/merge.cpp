@@ -51,19 +51,7 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-bool is_float(io::DType d) {
-  switch (d) {
-    case io::DType::F64:
-    case io::DType::F32:
-    case io::DType::F16:
-    case io::DType::BF16:
-    case io::DType::F8_E4M3:
-    case io::DType::F8_E5M2: return true;
-    default: return false;
-  }
-}
-
-bool has_torch_dtype(io::DType d) { return d != io::DType::F8_E4M3 && d != io::DType::F8_E5M2; }
+using io::has_torch_dtype;
 
 // A FIFO with a capacity; close() ends it (pop returns false once drained), abort() drops everything.
 template <class T>
@@ -358,13 +346,6 @@ void apply_whole(torch::Tensor& W, AdapterImpl& adapter, double m, bool bias) {
   W.copy_(adapter.apply_weight(W, m));
 }
 
-bool all_finite(const torch::Tensor& t) {
-  // a finite sum means every element is finite (NaN/Inf propagate); only if it is not, look closer
-  // (the sum itself may overflow)
-  if (std::isfinite(t.sum().item<double>())) return true;
-  return torch::isfinite(t).all().item<bool>();
-}
-
 
 
 // This thread's intra-op threads. With OpenMP that is the thread's own ICV: at::set_num_threads (torch 1.13)
@@ -535,7 +516,8 @@ bool merge_tensor(const torch::Tensor& x, const torch::Tensor& out, const std::v
             acc = acc.defined() ? acc.add_(column_sums(W)) : column_sums(W);
             return;
           }
-          if (!all_finite(W)) finite = false;
+          // checked against the output dtype: what is written must be finite after its rounding
+          if (!functional::finite_in(W, out.scalar_type())) finite = false;
           functional::convert_into(o2.narrow(0, r0, r1 - r0), W);
         });
         if (last) return finite;
@@ -551,7 +533,7 @@ bool merge_tensor(const torch::Tensor& x, const torch::Tensor& out, const std::v
     auto rows = step_rows(W, s);  // a view: the step writes into W
     apply_whole(rows, *s.adapter, s.m, s.bias);
   }
-  const bool finite = all_finite(W);
+  const bool finite = functional::finite_in(W, out.scalar_type());
   out.copy_(W);
   return finite;
 }
@@ -578,6 +560,57 @@ std::string merge_record(const std::vector<MergeInput>& adapters, const std::opt
   }
   return j.dump();
 }
+
+namespace {
+
+std::string magnitude(const torch::Tensor& t) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "|x| = %.4g", t.abs().max().item<double>());
+  return buf;
+}
+
+std::string range_text(torch::ScalarType dtype) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "±%.6g", static_cast<double>(dtype == torch::kFloat16    ? 65504.0
+                                                             : dtype == torch::kBFloat16 ? 3.3895313892515355e38
+                                                                                         : 3.4028234663852886e38));
+  return buf;
+}
+
+std::string wider_dtype_hint(torch::ScalarType dtype, bool weight_helps) {
+  return std::string(dtype == torch::kFloat16 ? "Use --dtype fp32 or bf16" : "Use --dtype fp32") +
+         (weight_helps ? ", or a smaller weight (-w)" : "");
+}
+
+// Why tensor `key` cannot be written: NaN/Inf in the base itself, the first step whose result has NaN/Inf,
+// or — every step finite in the compute dtype — the first step after which the values no longer fit the
+// output dtype (they would be rounded to Inf). Steps are re-run on a copy, so this costs only on failure.
+std::string explain_nonfinite(const std::string& key, const torch::Tensor& base_value, const std::vector<Step>& steps,
+                              torch::ScalarType out_dtype, const std::vector<LoadedAdapter>& adapters,
+                              torch::Device device) {
+  const auto compute = base_value.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
+  auto V = base_value.to(device, compute, false, true);
+  if (!torch::isfinite(V).all().item<bool>()) return key + ": merged tensor has NaN/Inf values, from the base tensor itself";
+  const Step* overflow = nullptr;
+  for (const auto& s : steps) {
+    const auto& st = s.step;
+    auto rows = step_rows(V, st);  // the step's rows (a fused tensor's block) or V itself
+    rows.copy_(st.bias ? st.adapter->apply_bias(rows, st.m) : st.adapter->apply_weight(rows, st.m));
+    if (!torch::isfinite(V).all().item<bool>())
+      return key + ": merged tensor has NaN/Inf values, from module " + s.module->name + " (" + s.module->algo +
+             ") of " + adapters[s.adapter].path;
+    if (!overflow && !functional::finite_in(V, out_dtype)) overflow = &s;
+  }
+  if (!overflow) overflow = &steps.back();
+  char weight[32];
+  std::snprintf(weight, sizeof weight, "%g", overflow->step.m);
+  return key + ": merged values reach " + magnitude(V) + ", beyond the range of " +
+         io::dtype_name(io::from_torch(out_dtype)) + " (" + range_text(out_dtype) + ") from module " +
+         overflow->module->name + " (" + overflow->module->algo + ") of " + adapters[overflow->adapter].path +
+         " at weight " + weight + ": they would be written as Inf. " + wider_dtype_hint(out_dtype, true);
+}
+
+}  // namespace
 
 MergeReport merge(const std::string& base_path, const std::string& output, const MergeOptions& options) {
   const auto t0 = Clock::now();
@@ -613,7 +646,7 @@ MergeReport merge(const std::string& base_path, const std::string& output, const
   uint64_t bytes_total = 0;
   for (const auto& t : header.tensors) {
     io::DType d = t.dtype;
-    if (options.dtype && is_float(t.dtype)) d = io::from_torch(*options.dtype);
+    if (options.dtype && io::is_floating(t.dtype)) d = io::from_torch(*options.dtype);
     decls.push_back({t.name, d, t.shape});
     out_dtypes.push_back(d);
     bytes_total += t.nbytes();
@@ -710,26 +743,20 @@ MergeReport merge(const std::string& base_path, const std::string& output, const
       result = out_dtype == t.dtype ? x : torch::empty(t.shape, torch::TensorOptions().dtype(io::to_torch(out_dtype)));
       std::vector<MergeStep> ms;
       for (const auto& s : steps->second) ms.push_back(s.step);
-      if (!merge_tensor(x, result, ms, options.device)) {
-        // name the culprit: the base tensor itself, or the first step that produced NaN/Inf
-        const auto compute = t.dtype == io::DType::F64 ? torch::kFloat64 : torch::kFloat32;
-        auto V = (has_torch_dtype(t.dtype) ? base.tensor(t.name) : x).to(options.device, compute, false, true);
-        std::string who = "the base tensor itself";
-        if (torch::isfinite(V).all().item<bool>())
-          for (const auto& s : steps->second) {
-            const auto& st = s.step;
-            auto rows = step_rows(V, st);  // the step's rows (a fused tensor's block) or V itself
-            rows.copy_(st.bias ? st.adapter->apply_bias(rows, st.m) : st.adapter->apply_weight(rows, st.m));
-            if (!torch::isfinite(V).all().item<bool>()) {
-              who = "module " + s.module->name + " (" + s.module->algo + ") of " + adapters[s.adapter].path;
-              break;
-            }
-          }
-        throw Error(t.name + ": merged tensor has NaN/Inf values, from " + who);
-      }
+      if (!merge_tensor(x, result, ms, options.device))
+        throw Error(explain_nonfinite(t.name, has_torch_dtype(t.dtype) ? base.tensor(t.name) : x, steps->second,
+                                      io::to_torch(out_dtype), adapters, options.device));
     } else if (out_dtype != t.dtype) {
       torch::Tensor x = has_torch_dtype(t.dtype) ? data : base.tensor(t.name);
+      // a finite value the new dtype cannot hold would be written as Inf (the base's own NaN/Inf, if any, is
+      // copied as it is, like every untouched tensor)
       result = x.to(io::to_torch(out_dtype)).contiguous();
+      if (io::is_floating(out_dtype) && !torch::isfinite(result).all().item<bool>() &&
+          torch::isfinite(x).all().item<bool>())
+        throw Error(t.name + ": values up to " + magnitude(x.to(torch::kFloat64)) + " do not fit " +
+                    io::dtype_name(out_dtype) + " (" + range_text(io::to_torch(out_dtype)) + "): --dtype " +
+                    dtype_label(options.dtype) + " would write them as Inf. " +
+                    wider_dtype_hint(io::to_torch(out_dtype), false));
     }
     report.compute_seconds += seconds_since(c0);
     static const bool trace = std::getenv("LYCORIS_MERGE_TRACE") != nullptr;
@@ -737,7 +764,13 @@ MergeReport merge(const std::string& base_path, const std::string& output, const
       std::fprintf(stderr, "%8.1f ms %s %s\n", seconds_since(c0) * 1e3, t.name.c_str(), c10::str(t.shape).c_str());
     return result;
   };
+  // Test hook: a pause after each tensor, so that tests can interrupt a merge of small files midway.
+  static const int test_delay_ms = [] {
+    const char* v = std::getenv("LYCORIS_MERGE_TEST_DELAY_MS");
+    return v ? std::atoi(v) : 0;
+  }();
   auto progress = [&](size_t index, uint64_t bytes_done) {
+    if (test_delay_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(test_delay_ms));
     if (!options.on_progress) return;
     MergeProgress p;
     p.index = index + 1;
@@ -859,13 +892,14 @@ MergeReport merge(const std::string& base_path, const std::string& output, const
         writer.write_bytes(t.name, pool.data(item.slot), t.nbytes());
         report.bytes_written += t.nbytes();
       }
+      const size_t index = item.index;
       pool.release(item.slot);
       item = Item();  // free before asking for more
       report.write_seconds += seconds_since(w0);
       bytes_done += t.nbytes();
       ++report.tensors;
       if (modified) ++report.modified;
-      progress(item.index, bytes_done);
+      progress(index, bytes_done);
     }
   } catch (...) {
     fail(std::current_exception());

@@ -97,5 +97,12 @@ class OwnedFloatArena {
 // instructions where the CPU has them (torch 1.13 converts one element at a time, ~10× slower), else copy_.
 void convert_into(const torch::Tensor& dst, const torch::Tensor& src);
 
+// The smallest magnitude that rounds to ±Inf when a value is converted to `dtype` (round to nearest even):
+// fp16 65520, bf16 2^128 − 2^119, fp32 2^128 − 2^103; +Inf for fp64 and non-float types.
+double overflow_threshold(torch::ScalarType dtype);
+// Every element of `t` is finite and stays finite once rounded to `dtype`: the check a result needs
+// before it is written in a narrower dtype than it was computed in.
+bool finite_in(const torch::Tensor& t, torch::ScalarType dtype);
+
 }  // namespace lycoris::functional
 

@@ -15,6 +15,8 @@ enum class DType { F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL, F8_E4M3, F8
 
 const char* dtype_name(DType d);  // "F16"
 size_t item_size(DType d);
+bool is_floating(DType d);      // F64, F32, F16, BF16 and both float8 formats
+bool has_torch_dtype(DType d);  // every dtype but float8
 // Parses a safetensors dtype name; returns false if unknown.
 bool parse_dtype(const std::string& name, DType& out);
 

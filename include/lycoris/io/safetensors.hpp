@@ -4,6 +4,7 @@
 #include <torch/types.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <string>
@@ -61,9 +62,11 @@ struct TensorDecl {
 };
 
 // Streaming, atomic writer: declare every tensor up front (the header needs all shapes), then write
-// each tensor's data in declaration order, then commit(). Data goes to "<path>.tmp-<pid>-<n>" in the
-// destination directory; commit() fsyncs and renames it over `path`. If commit() is never reached
-// (error, exception, kill) the destination is untouched and the destructor removes the temporary file.
+// each tensor's data in declaration order, then commit(). Data goes to an unnamed temporary file in the
+// destination directory (O_TMPFILE; "<path>.tmp-<pid>-<n>" where the filesystem lacks it); commit() fsyncs,
+// names and renames it over `path`. If commit() is never reached (error, exception, kill) the destination
+// is untouched and no temporary is left (a named one: removed by the destructor, or by the handler of
+// remove_temporaries_on_signals()).
 // Header: keys sorted like the reference writer (by dtype alignment then name is NOT required; we write
 // in declaration order), padded with spaces to a multiple of 8 bytes.
 class SafetensorsWriter {
@@ -85,6 +88,12 @@ class SafetensorsWriter {
   struct State;
   std::unique_ptr<State> state_;
 };
+
+// Installs handlers for `signals` that remove the named temporary files of every writer in progress (see
+// SafetensorsWriter) and then end the process by the same signal. For programs, such as the CLI: a library
+// does not take over its host's signals by itself. (SIGKILL cannot be caught: there the temporary is
+// unnamed wherever the filesystem supports O_TMPFILE, so nothing is left either.)
+void remove_temporaries_on_signals(std::initializer_list<int> signals);
 
 // Convenience: write all tensors (in the given order) atomically.
 void save_file(const std::string& path, const std::vector<std::pair<std::string, torch::Tensor>>& tensors,

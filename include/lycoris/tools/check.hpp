@@ -38,12 +38,14 @@ struct CheckReport {
   std::string adapter_format;  // lycoris | kohya | peft
   std::string base_layout;     // diffusers | ldm (detected or forced)
   std::vector<CheckModule> modules;
+  std::vector<std::string> file_problems;  // about the file as a whole: no module, tensors outside modules
   std::vector<std::string> uncovered;   // base weight keys of covered families the adapter does not touch
   std::vector<std::string> families;    // the covered families
   std::vector<CheckNote> notes;         // loader disagreements (informational)
   std::vector<std::string> input_notes; // how the file was read (PEFT alphas, …)
 
-  // Modules with a problem (unmatched, ambiguous, shape, malformed, NaN/Inf). 0 = clean.
+  // Modules with a problem (unmatched, ambiguous, shape, malformed, NaN/Inf, overflow) plus file problems.
+  // 0 = clean.
   size_t problems() const;
   std::string json() const;
   std::string text() const;

@@ -46,6 +46,8 @@ struct AdapterContents {
   std::string path;
   AdapterFormat format = AdapterFormat::Lycoris;
   std::vector<NamedModule> modules;  // in name order
+  std::vector<std::string> stray_keys;  // tensors outside any module (keys without '.')
+  size_t tensors = 0;                   // tensors in the file
   std::map<std::string, std::string> metadata;
   std::vector<std::string> notes;    // where alphas came from etc.
 };

@@ -14,7 +14,8 @@
 // copy of a whole tensor for LoRA/LoHa/LoKr/(IA)^3/DoRA (other algorithms: one tensor's fp32 temporaries).
 // Either way the output appears (by rename) only when complete.
 // LYCORIS_MERGE_TRACE=1 in the environment prints each tensor's compute time to stderr;
-// LYCORIS_MERGE_NO_REWRITER=1 forces the buffer-pool path (for comparisons).
+// LYCORIS_MERGE_NO_REWRITER=1 forces the buffer-pool path (for comparisons); LYCORIS_MERGE_TEST_DELAY_MS=N
+// pauses N ms after each tensor (for tests that interrupt a merge).
 #pragma once
 #include <torch/types.h>
 
