@@ -69,7 +69,7 @@ void register_merge(CLI::App& app) {
     bool allow_unmatched = false, progress = false, quiet = false, force = false;
     std::string base_format = "auto";
     int threads = 0;
-    uint64_t buffer_mb = 64;
+    uint64_t buffer_mb = tools::MergeOptions().max_bytes_in_flight >> 20;  // one default: the library's
   };
   auto args = std::make_shared<Args>();
   auto* cmd = app.add_subcommand("merge", "merge adapters into a base checkpoint (streaming, fp32 math)");

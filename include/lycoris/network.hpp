@@ -82,7 +82,6 @@ struct NetworkModule {
   AdapterPtr adapter;
 };
 
-struct LayerBinding;  // per-layer stack of attached adapters (network.cpp)
 
 class LycorisNetworkImpl : public torch::nn::Module {
  public:

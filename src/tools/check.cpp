@@ -141,7 +141,9 @@ std::vector<std::pair<std::string, std::string>> loader_notes(const std::string&
     out.emplace_back("Norm", "sd-webui needs both w_norm and b_norm; stable-diffusion.cpp does not apply them");
   if (a == "glokr") out.emplace_back("GLoKr", "lycoris-cpp's own algorithm (docs/glokr.md): no other loader reads it");
   if (has(t, "bias_indices") || has(t, "bias_values"))
-    out.emplace_back("sparse bias", "bias_indices/bias_values/bias_size are ignored by every loader (and here)");
+    out.emplace_back("sparse bias", "bias_indices/bias_values/bias_size: this tool adds the dense residual to ΔW "
+                                    "(unscaled), every other loader (LyCORIS, ComfyUI, sd-webui, stable-diffusion.cpp) "
+                                    "ignores it");
   return out;
 }
 

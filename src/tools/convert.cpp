@@ -470,7 +470,7 @@ ConvertReport convert(const std::string& input, const std::string& output, const
   }
   if (dropped_sparse)
     report.warnings.push_back(std::to_string(dropped_sparse) + " sparse-bias tensor(s) dropped (no PEFT equivalent; "
-                              "no loader applies them)");
+                              "the PEFT file lacks the residual that merges here add to ΔW)");
   {  // two modules may not collapse onto one name (e.g. lora_te_x and lora_te1_x both → text_encoder.x)
     std::set<std::string> seen;
     for (const auto& [k, t] : tensors)

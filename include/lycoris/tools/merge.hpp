@@ -58,7 +58,7 @@ struct MergeOptions {
   int threads = 0;                     // torch intra-op threads (at::set_num_threads); 0 = leave as is
   // Read-ahead budget of the pipeline: the rewriter's ring, or max(3, budget / largest tensor) read
   // buffers of the largest size.
-  uint64_t max_bytes_in_flight = 256ull << 20;
+  uint64_t max_bytes_in_flight = 64ull << 20;
   std::function<void(const std::string&)> on_warning;       // default: collected in the report only
   std::function<void(const MergeProgress&)> on_progress;    // called by the writing thread per tensor
 };
