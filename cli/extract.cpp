@@ -83,11 +83,7 @@ void register_extract(CLI::App& app) {
     o.loha_iters = a.loha_iters;
     o.loha_tol = a.loha_tol;
     o.lokr_factor = a.factor;
-    try {
-      o.device = torch::Device(a.device);
-    } catch (const std::exception&) {
-      throw OptionError("--device: unknown device '" + a.device + "'");
-    }
+    o.device = tools::parse_device(a.device);
     o.threads = a.threads;
     const bool quiet = a.quiet;
     auto r = tools::extract(a.base, a.tuned, a.output, o, [quiet](const tools::ExtractLayerReport& l) {

@@ -35,11 +35,7 @@ void register_resize(CLI::App& app) {
     else if (ratio->count()) o.rule = {tools::RankMode::Ratio, a.ratio};
     else if (threshold->count()) o.rule = {tools::RankMode::Threshold, a.threshold};
     else throw OptionError("resize: give one of --dim, --ratio, --threshold");
-    try {
-      o.device = torch::Device(a.device);
-    } catch (const std::exception&) {
-      throw OptionError("--device: unknown device '" + a.device + "'");
-    }
+    o.device = tools::parse_device(a.device);
     o.threads = a.threads;
     auto r = tools::resize(a.input, a.output, o);
     if (!a.quiet)

@@ -6,8 +6,6 @@
 
 namespace lycoris {
 
-namespace F = torch::nn::functional;
-
 const char* to_string(LayerKind kind) {
   switch (kind) {
     case LayerKind::Linear: return "Linear";
@@ -107,7 +105,8 @@ LayerSpec LayerSpec::from_weight_shape(const std::vector<int64_t>& shape, bool b
 torch::Tensor layer_forward(const torch::Tensor& x, const LayerSpec& spec, const torch::Tensor& weight,
                             const torch::Tensor& bias) {
   switch (spec.kind) {
-    case LayerKind::Linear: return F::linear(x, weight, bias);
+    // spelled out: in the unity build other files' `F` (lycoris::functional) shares this namespace
+    case LayerKind::Linear: return torch::nn::functional::linear(x, weight, bias);
     case LayerKind::Conv1d:
       return torch::conv1d(x, weight, bias, spec.stride, spec.padding, spec.dilation, spec.groups);
     case LayerKind::Conv2d:

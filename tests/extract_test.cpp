@@ -508,4 +508,129 @@ TEST(ExtractErrors, CliExitsNonZeroWithOneLine) {
   EXPECT_TRUE(std::filesystem::exists(dir + "/o.safetensors"));
 }
 
+// ---------------------------------------------------------------- non-finite values, torch errors, output path
+
+size_t files_in(const std::string& dir) {
+  return static_cast<size_t>(
+      std::distance(std::filesystem::directory_iterator(dir), std::filesystem::directory_iterator()));
+}
+
+// `extract BASE TUNED -o OUT_DIR/o.safetensors ARGS` must fail with exit 1 and one stderr line holding every
+// one of `expected`, leaving OUT_DIR empty.
+void expect_one_line_error(const std::string& base, const std::string& tuned, const std::string& args,
+                           const std::vector<std::string>& expected) {
+  const std::string out_dir = test::temp_dir("extract_fail_out");
+  auto r = run_cli("extract '" + base + "' '" + tuned + "' -o '" + out_dir + "/o.safetensors' " + args);
+  EXPECT_EQ(r.code, 1) << tuned;
+  EXPECT_EQ(r.err.rfind("lycoris: error: ", 0), 0u) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  for (const auto& e : expected) EXPECT_NE(r.err.find(e), std::string::npos) << "'" << e << "' not in: " << r.err;
+  EXPECT_EQ(files_in(out_dir), 0u) << tuned;
+}
+
+TEST(ExtractNonFinite, NaNOrInfInputIsAOneLineErrorNamingFileAndKey) {
+  const std::string dir = test::temp_dir("extract_nonfinite");
+  torch::manual_seed(4);
+  auto W = torch::randn({8, 6}), b = torch::randn({8});
+  const std::string base = dir + "/base.safetensors";
+  io::save_file(base, {{"a.weight", W}, {"a.bias", b}, {"c.weight", W}});
+  auto nan_w = W + 1, inf_b = b.clone();
+  nan_w[2][3] = NAN;
+  inf_b[5] = -INFINITY;
+  io::save_file(dir + "/nan.safetensors", {{"a.weight", W + 1}, {"a.bias", b}, {"c.weight", nan_w}});
+  io::save_file(dir + "/inf_bias.safetensors", {{"a.weight", W + 1}, {"a.bias", inf_b}, {"c.weight", W}});
+  for (const auto* mode : {"--linear-dim 2", "--mode full"}) {
+    SCOPED_TRACE(mode);
+    expect_one_line_error(base, dir + "/nan.safetensors", mode,
+                          {dir + "/nan.safetensors: tensor 'c.weight' has 1 NaN/Inf value(s)"});
+    expect_one_line_error(base, dir + "/inf_bias.safetensors", mode,
+                          {dir + "/inf_bias.safetensors: tensor 'a.bias' has 1 NaN/Inf value(s)"});
+    // NaN in the base (and tuned − base of finite values beyond F32) name the base / the subtraction
+    expect_one_line_error(dir + "/nan.safetensors", base, mode,
+                          {dir + "/nan.safetensors: tensor 'c.weight' has 1 NaN/Inf value(s)"});
+  }
+  io::save_file(dir + "/neg.safetensors", {{"a.weight", torch::full({8, 6}, -3e38)}});
+  io::save_file(dir + "/pos.safetensors", {{"a.weight", torch::full({8, 6}, 3e38)}});
+  expect_one_line_error(dir + "/neg.safetensors", dir + "/pos.safetensors", "",
+                        {dir + "/pos.safetensors: tensor 'a.weight': tuned − base overflows F32"});
+}
+
+TEST(ExtractNonFinite, F16OverflowOfTheOutputIsAnErrorSuggestingAWiderDtype) {
+  const std::string dir = test::temp_dir("extract_f16");
+  torch::manual_seed(6);
+  const std::string base = dir + "/base.safetensors", tuned = dir + "/tuned.safetensors";
+  io::save_file(base, {{"a.weight", torch::zeros({8, 6})}});
+  io::save_file(tuned, {{"a.weight", torch::randn({8, 6}) * 1e5}});
+  for (const auto* mode : {"--linear-dim 1", "--mode full"}) {
+    SCOPED_TRACE(mode);
+    expect_one_line_error(base, tuned, mode,
+                          {tuned + ": layer a.weight: lycoris_a.", "overflow F16: choose a wider --dtype"});
+    // the same layer fits fp32
+    auto ok = run_cli("extract '" + base + "' '" + tuned + "' -o '" + dir + "/o.safetensors' --dtype fp32 " + mode);
+    EXPECT_EQ(ok.code, 0) << ok.err;
+    auto f = io::SafetensorsFile::open(dir + "/o.safetensors");
+    for (const auto& n : f.names()) EXPECT_TRUE(torch::isfinite(f.tensor(n)).all().item<bool>()) << n;
+  }
+}
+
+TEST(ExtractErrors, TorchErrorsAreOneLineNamingFileAndLayer) {
+  if (torch::cuda::is_available()) GTEST_SKIP() << "needs a build where the cuda device fails";
+  const std::string dir = test::temp_dir("extract_torch_error");
+  const std::string base = dir + "/base.safetensors", tuned = dir + "/tuned.safetensors";
+  io::save_file(base, {{"a.weight", torch::zeros({8, 6})}});
+  io::save_file(tuned, {{"a.weight", torch::ones({8, 6})}});
+  // the library on a device torch cannot use: torch's error (whose what() holds a C++ backtrace) in the
+  // work on a layer comes out as one line naming the file and the layer
+  ExtractOptions o;
+  o.device = torch::Device("cuda");
+  try {
+    extract(base, tuned, dir + "/o.safetensors", o);
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    EXPECT_EQ(what.rfind(tuned + ": layer a.weight: ", 0), 0u) << what;
+    EXPECT_EQ(what.find('\n'), std::string::npos) << what;
+  }
+  EXPECT_EQ(files_in(dir), 2u);
+  // the CLI refuses such a device before any work
+  for (const auto* device : {"cuda", "cuda:3", "meta", "nope"}) {
+    auto r = run_cli("extract '" + base + "' '" + tuned + "' -o '" + dir + "/o.safetensors' --device " + device);
+    EXPECT_TRUE(r.code == 1 || r.code == 2) << r.code;
+    EXPECT_EQ(r.err.rfind(std::string("lycoris: error: --device: '") + device + "'", 0), 0u) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  }
+  EXPECT_EQ(files_in(dir), 2u);
+}
+
+TEST(ExtractErrors, UnwritableOutputFailsBeforeAnyWork) {
+  const std::string dir = test::temp_dir("extract_output_path");
+  torch::manual_seed(9);
+  const std::string base = dir + "/base.safetensors", tuned = dir + "/tuned.safetensors";
+  io::save_file(base, {{"a.weight", torch::randn({64, 48})}, {"b.weight", torch::randn({32, 32, 3, 3})}});
+  io::save_file(tuned, {{"a.weight", torch::randn({64, 48})}, {"b.weight", torch::randn({32, 32, 3, 3})}});
+  const std::string out_dir = test::temp_dir("extract_output_path_out");
+  for (const auto& out : {std::string("/nonexistent/dir/x.safetensors"), out_dir}) {
+    SCOPED_TRACE(out);
+    int layers = 0;
+    try {
+      extract(base, tuned, out, {}, [&](const ExtractLayerReport&) { ++layers; });
+      ADD_FAILURE() << "no error";
+    } catch (const IOError& e) {
+      EXPECT_EQ(std::string(e.what()).rfind(out + ": cannot write here: ", 0), 0u) << e.what();
+    }
+    EXPECT_EQ(layers, 0);  // no layer was extracted
+    auto r = run_cli("extract '" + base + "' '" + tuned + "' -o '" + out + "' --linear-dim 4 --conv-dim 4");
+    EXPECT_EQ(r.code, 1);
+    EXPECT_EQ(r.err.rfind("lycoris: error: " + out + ": cannot write here: ", 0), 0u) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  }
+  EXPECT_EQ(files_in(out_dir), 0u);
+  EXPECT_FALSE(std::filesystem::exists("/nonexistent"));
+  // a plain output in a writable directory still works
+  auto ok = run_cli("extract '" + base + "' '" + tuned + "' -o '" + out_dir + "/x.safetensors' --linear-dim 4");
+  EXPECT_EQ(ok.code, 0) << ok.err;
+  EXPECT_EQ(io::SafetensorsFile::open(out_dir + "/x.safetensors").names().size(), 6u);  // 2 × alpha, up, down
+  EXPECT_EQ(files_in(out_dir), 1u);
+}
+
 }  // namespace extract_test

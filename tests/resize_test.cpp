@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <tuple>
 
 #include "lycoris/adapter_file.hpp"
 #include "lycoris/error.hpp"
@@ -179,6 +180,215 @@ TEST(ResizeErrors, BadInputsAndCli) {
   EXPECT_FALSE(std::filesystem::exists(out));
   EXPECT_EQ(cli_code("resize '" + in + "' -o '" + out + "' --dim 2"), 0);
   EXPECT_TRUE(std::filesystem::exists(out));
+}
+
+// ---------------------------------------------------------------- non-finite values, torch errors, bad inputs
+
+// Files in `dir` (an output directory: nothing may be left in it after a failed run).
+size_t files_in(const std::string& dir) {
+  return static_cast<size_t>(
+      std::distance(std::filesystem::directory_iterator(dir), std::filesystem::directory_iterator()));
+}
+
+// `resize IN -o OUT_DIR/o.safetensors ARGS` must fail with exit 1 and one stderr line holding every one of
+// `expected`, leaving OUT_DIR empty.
+void expect_one_line_error(const std::string& in, const std::string& args, const std::vector<std::string>& expected) {
+  const std::string out_dir = test::temp_dir("resize_fail_out");
+  std::string err;
+  EXPECT_EQ(cli_code("resize '" + in + "' -o '" + out_dir + "/o.safetensors' " + args, &err), 1) << in;
+  EXPECT_EQ(err.rfind("lycoris: error: ", 0), 0u) << err;
+  EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+  for (const auto& e : expected) EXPECT_NE(err.find(e), std::string::npos) << "'" << e << "' not in: " << err;
+  EXPECT_EQ(files_in(out_dir), 0u) << in;
+}
+
+TEST(ResizeNonFinite, NaNOrInfInputIsAOneLineErrorNamingFileModuleAndKey) {
+  const std::string dir = test::temp_dir("resize_nonfinite");
+  torch::manual_seed(3);
+  auto up = torch::randn({8, 2}), down = torch::randn({2, 6});
+  auto inf_up = up.clone(), nan_ds = torch::ones({8, 1});
+  inf_up[1][1] = INFINITY;
+  nan_ds[3][0] = NAN;
+  auto neg_inf_h = up.to(torch::kFloat16), nan_bf = down.to(torch::kBFloat16);
+  neg_inf_h[7][0] = -INFINITY;
+  nan_bf[0][5] = NAN;
+  const std::vector<std::tuple<std::string, NamedTensors, std::string>> cases{
+      {"inf_up", {{"m.lora_up.weight", inf_up}, {"m.lora_down.weight", down}, {"m.alpha", torch::tensor(1.0f)}},
+       "m.lora_up.weight"},
+      {"nan_alpha", {{"m.lora_up.weight", up}, {"m.lora_down.weight", down}, {"m.alpha", torch::tensor(NAN)}},
+       "m.alpha"},
+      {"neg_inf_f16", {{"m.lora_up.weight", neg_inf_h}, {"m.lora_down.weight", down.to(torch::kFloat16)}},
+       "m.lora_up.weight"},
+      {"nan_bf16", {{"m.lora_up.weight", up.to(torch::kBFloat16)}, {"m.lora_down.weight", nan_bf}},
+       "m.lora_down.weight"},
+      {"nan_dora", {{"m.lora_up.weight", up}, {"m.lora_down.weight", down}, {"m.dora_scale", nan_ds}},
+       "m.dora_scale"},
+      // a module resize copies (LoHa) is checked too: the output must hold finite values only
+      {"nan_loha",
+       {{"m.hada_w1_a", torch::full({8, 2}, NAN)}, {"m.hada_w1_b", down}, {"m.hada_w2_a", up}, {"m.hada_w2_b", down}},
+       "m.hada_w1_a"}};
+  for (const auto& [name, tensors, key] : cases) {
+    SCOPED_TRACE(name);
+    const std::string in = dir + "/" + name + ".safetensors";
+    io::save_file(in, tensors);
+    expect_one_line_error(in, "--dim 1", {in + ": m: tensor '" + key + "'", "NaN/Inf"});
+  }
+}
+
+TEST(ResizeNonFinite, FactorsNearTheF32LimitGiveFiniteExactFactors) {
+  // ΔW = up·down with |up| ≈ 3e38: finite input whose F32 QR/SVD would overflow; the balanced factors fit F32
+  const std::string dir = test::temp_dir("resize_huge");
+  torch::manual_seed(5);
+  auto up = torch::randn({8, 2}).sign() * 3e38, down = torch::randn({2, 6});
+  io::save_file(dir + "/in.safetensors",
+                {{"m.lora_up.weight", up}, {"m.lora_down.weight", down}, {"m.alpha", torch::tensor(2.0f)}});
+  std::string err;
+  ASSERT_EQ(cli_code("resize '" + dir + "/in.safetensors' -o '" + dir + "/o.safetensors' --dim 2", &err), 0) << err;
+  auto f = io::SafetensorsFile::open(dir + "/o.safetensors");
+  auto u = f.tensor("m.lora_up.weight"), d = f.tensor("m.lora_down.weight");
+  EXPECT_EQ(u.scalar_type(), torch::kFloat32);
+  EXPECT_TRUE(torch::isfinite(u).all().item<bool>() && torch::isfinite(d).all().item<bool>());
+  const double s = f.tensor("m.alpha", torch::kFloat64).item<double>() / 2;
+  auto got = u.to(torch::kFloat64).matmul(d.to(torch::kFloat64)) * s;
+  auto want = up.to(torch::kFloat64).matmul(down.to(torch::kFloat64));
+  EXPECT_LT((got - want).norm().item<double>(), 1e-5 * want.norm().item<double>());
+}
+
+TEST(ResizeNonFinite, F16OverflowAfterRoundingIsAnError) {
+  // ΔW = 60000·60000·2 per element (4×4, rank 1): the balanced factors are ≈ 8.5e4 > 65504, the F16 limit
+  const std::string dir = test::temp_dir("resize_f16");
+  const auto h = torch::TensorOptions().dtype(torch::kFloat16);
+  const std::string in = dir + "/in.safetensors";
+  io::save_file(in, {{"m.lora_up.weight", torch::full({4, 2}, 60000, h)},
+                     {"m.lora_down.weight", torch::full({2, 4}, 60000, h)},
+                     {"m.alpha", torch::tensor(2.0, h)}});
+  expect_one_line_error(in, "--dim 1", {in + ": m: lora_up.weight: values up to", "overflow F16"});
+}
+
+TEST(ResizeErrors, TorchErrorsAreOneLineNamingFileAndModule) {
+  if (torch::cuda::is_available()) GTEST_SKIP() << "needs a build where the cuda device fails";
+  const std::string dir = test::temp_dir("resize_torch_error");
+  const std::string in = dir + "/in.safetensors";
+  io::save_file(in, {{"m.lora_up.weight", torch::randn({8, 2})}, {"m.lora_down.weight", torch::randn({2, 6})}});
+  // the library on a device torch cannot use: torch's error (whose what() holds a C++ backtrace) in the
+  // work on a module comes out as one line naming the file and the module
+  ResizeOptions o = dim(1);
+  o.device = torch::Device("cuda");
+  try {
+    resize(in, dir + "/o.safetensors", o);
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    EXPECT_EQ(what.rfind(in + ": m: ", 0), 0u) << what;
+    EXPECT_EQ(what.find('\n'), std::string::npos) << what;
+  }
+  EXPECT_EQ(files_in(dir), 1u);
+  // the CLI refuses such a device before any work
+  std::string err;
+  const int code = cli_code("resize '" + in + "' -o '" + dir + "/o.safetensors' --dim 1 --device cuda", &err);
+  EXPECT_TRUE(code == 1 || code == 2) << code;
+  EXPECT_EQ(err.rfind("lycoris: error: --device: 'cuda'", 0), 0u) << err;
+  EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+  EXPECT_EQ(files_in(dir), 1u);
+}
+
+TEST(ResizeErrors, HostileModulesAreOneLineErrorsNamingFileModuleAndKey) {
+  const std::string dir = test::temp_dir("resize_hostile");
+  torch::manual_seed(11);
+  auto up = torch::randn({8, 2}), down = torch::randn({2, 6});
+  const auto i8 = torch::TensorOptions().dtype(torch::kInt8);
+  const std::vector<std::tuple<std::string, NamedTensors, std::string>> cases{
+      // integer / bool factors would be written back as integers or bools
+      {"i8", {{"m.lora_up.weight", torch::ones({8, 2}, i8)}, {"m.lora_down.weight", torch::ones({2, 6}, i8)}},
+       ": m: tensor 'm.lora_up.weight' has dtype I8"},
+      {"bool", {{"m.lora_up.weight", up}, {"m.lora_down.weight", torch::ones({2, 6}, torch::kBool)}},
+       ": m: tensor 'm.lora_down.weight' has dtype BOOL"},
+      {"mid_i8",
+       {{"m.lora_up.weight", up.reshape({8, 2, 1, 1})},
+        {"m.lora_down.weight", down.reshape({2, 6, 1, 1})},
+        {"m.lora_mid.weight", torch::ones({2, 2, 3, 3}, i8)}},
+       ": m: tensor 'm.lora_mid.weight' has dtype I8"},
+      {"one_dim", {{"m.lora_up.weight", torch::randn({8})}, {"m.lora_down.weight", down}}, ": m: lora_up.weight [8]"},
+      {"alpha_vec", {{"m.lora_up.weight", up}, {"m.lora_down.weight", down}, {"m.alpha", torch::ones({3})}},
+       ": m.alpha: expected a single value"},
+      {"seven_dims",
+       {{"m.lora_up.weight", up.reshape({8, 2, 1, 1, 1, 1, 1})}, {"m.lora_down.weight", down.reshape({2, 6, 1, 1, 1, 1, 1})}},
+       ": m: cannot infer a layer"}};
+  for (const auto& [name, tensors, expected] : cases) {
+    SCOPED_TRACE(name);
+    const std::string in = dir + "/" + name + ".safetensors";
+    io::save_file(in, tensors);
+    expect_one_line_error(in, "--dim 1", {in + expected});
+  }
+}
+
+TEST(ResizeErrors, DegenerateButValidModules) {
+  const std::string dir = test::temp_dir("resize_degenerate");
+  torch::manual_seed(12);
+  // rank 8 above both dims (3 × 2): ΔW has rank 2, resized to 1 like any other module
+  auto up = torch::randn({3, 8}), down = torch::randn({8, 2});
+  io::save_file(dir + "/big_rank.safetensors", {{"m.lora_up.weight", up}, {"m.lora_down.weight", down}});
+  std::string err;
+  ASSERT_EQ(cli_code("resize '" + dir + "/big_rank.safetensors' -o '" + dir + "/o.safetensors' --dim 1", &err), 0)
+      << err;
+  auto f = io::SafetensorsFile::open(dir + "/o.safetensors");
+  EXPECT_EQ(f.tensor("m.lora_down.weight").sizes(), torch::IntArrayRef({1, 2}));
+  // empty factors (rank 0, no outputs, no inputs, an empty kernel): ΔW = 0, copied as they are (whether such a
+  // module is valid at all is the loader's decision, which resize applies first)
+  for (const auto& [name, u, d] : std::vector<std::tuple<std::string, torch::Tensor, torch::Tensor>>{
+           {"rank0", torch::zeros({8, 0}), torch::zeros({0, 6})},
+           {"out0", torch::zeros({0, 2}), torch::randn({2, 6})},
+           {"in0", torch::randn({8, 2}), torch::zeros({2, 0})},
+           {"kernel0", torch::randn({8, 2, 1, 1}), torch::zeros({2, 6, 0, 3})}}) {
+    SCOPED_TRACE(name);
+    const std::string in = dir + "/" + name + ".safetensors", out = dir + "/" + name + "_o.safetensors";
+    io::save_file(in, {{"m.lora_up.weight", u}, {"m.lora_down.weight", d}, {"m.alpha", torch::tensor(1.0f)}});
+    ASSERT_EQ(cli_code("resize '" + in + "' -o '" + out + "' --dim 1", &err), 0) << err;
+    auto a = io::SafetensorsFile::open(in), b = io::SafetensorsFile::open(out);
+    auto names = a.names(), written = b.names();
+    std::sort(names.begin(), names.end()), std::sort(written.begin(), written.end());
+    ASSERT_EQ(names, written);
+    for (const auto& n : names) EXPECT_TRUE(torch::equal(a.tensor(n), b.tensor(n))) << n;
+  }
+}
+
+TEST(ResizeErrors, BadOptionsAreOneLineOptionErrors) {
+  const std::string dir = test::temp_dir("resize_options");
+  const std::string in = golden("lora", "adapter.safetensors"), out = dir + "/o.safetensors";
+  for (const auto& [args, expected] : std::vector<std::pair<std::string, std::string>>{
+           {"--threshold nan", "--threshold: nan is not valid"},
+           {"--threshold inf", "--threshold: inf is not valid for mode threshold (the threshold must be finite"},
+           {"--ratio -0.5", "--ratio: -0.5 is not valid"},
+           {"--dim -3", "--dim: -3 is not valid"},
+           {"--dim 1 --threads -1", "--threads: must be ≥ 0"},
+           {"--dim 1 --device nope", "--device: 'nope'"}}) {
+    std::string err;
+    const int code = cli_code("resize '" + in + "' -o '" + out + "' " + args, &err);
+    EXPECT_TRUE(code == 1 || code == 2) << args << ": " << code;
+    EXPECT_EQ(err.find("lycoris: error: " + expected), 0u) << args << ": " << err;
+    EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+  }
+  EXPECT_THROW(resize(in, out, [] { auto o = dim(1); o.threads = -1; return o; }()), OptionError);
+  EXPECT_FALSE(std::filesystem::exists(out));
+}
+
+TEST(ResizeErrors, UnwritableOutputFailsBeforeReadingTheInput) {
+  const std::string dir = test::temp_dir("resize_output_path");
+  // the input does not even exist: the output is checked first
+  for (const auto& out : {std::string("/nonexistent/dir/x.safetensors"), dir}) {
+    SCOPED_TRACE(out);
+    try {
+      resize(dir + "/missing.safetensors", out, dim(1));
+      ADD_FAILURE() << "no error";
+    } catch (const IOError& e) {
+      EXPECT_EQ(std::string(e.what()).rfind(out + ": cannot write here: ", 0), 0u) << e.what();
+    }
+    std::string err;
+    EXPECT_EQ(cli_code("resize '" + golden("lora", "adapter.safetensors") + "' -o '" + out + "' --dim 1", &err), 1);
+    EXPECT_EQ(err.rfind("lycoris: error: " + out + ": cannot write here: ", 0), 0u) << err;
+    EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+  }
+  EXPECT_EQ(files_in(dir), 0u);
 }
 
 }  // namespace resize_test

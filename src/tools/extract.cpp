@@ -20,14 +20,17 @@
 #include <thread>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <sstream>
 
 #include "lycoris/algorithms.hpp"
 #include "lycoris/error.hpp"
 #include "lycoris/functional/common.hpp"
 #include "lycoris/functional/factorization.hpp"
+#include "lycoris/io/output_path.hpp"
 #include "lycoris/io/safetensors.hpp"
 #include "lycoris/naming.hpp"
 #include "single_threaded_blas.hpp"
+#include "tool_checks.hpp"
 
 namespace lycoris::tools {
 
@@ -186,6 +189,20 @@ RankMode parse_rank_mode(const std::string& name) {
   throw OptionError("--mode: '" + name + "' is not one of fixed, threshold, ratio, quantile, full");
 }
 
+torch::Device parse_device(const std::string& name) {
+  std::optional<torch::Device> device;
+  try {
+    device = torch::Device(name);
+  } catch (const c10::Error&) {
+  }
+  if (!device || !(device->is_cpu() || device->is_cuda()))
+    throw OptionError("--device: '" + name + "' is not a device the tools run on (cpu, cuda, cuda:N)");
+  if (device->is_cuda() && (!torch::cuda::is_available() || device->index() >= torch::cuda::device_count()))
+    throw OptionError("--device: '" + name + "': torch sees " + std::to_string(torch::cuda::device_count()) +
+                      " CUDA device(s)");
+  return *device;
+}
+
 const char* to_string(ExtractAlgo algo) {
   switch (algo) {
     case ExtractAlgo::LoCon: return "locon";
@@ -209,8 +226,10 @@ const char* to_string(RankMode mode) {
 void validate(const RankRule& rule, const std::string& what) {
   const double p = rule.param;
   auto fail = [&](const std::string& why) {
-    throw OptionError(what + ": " + std::to_string(p) + " is not valid for mode " + to_string(rule.mode) + " (" +
-                      why + ")");
+    std::ostringstream value;  // "-3", "0.5", "1e+11" rather than to_string's "-3.000000"
+    value << p;
+    throw OptionError(what + ": " + value.str() + " is not valid for mode " + to_string(rule.mode) + " (" + why +
+                      ")");
   };
   if (std::isnan(p)) fail("NaN");
   switch (rule.mode) {
@@ -218,7 +237,7 @@ void validate(const RankRule& rule, const std::string& what) {
       if (p < 1 || p != std::floor(p) || p > 1e9) fail("the rank must be a positive integer");
       break;
     case RankMode::Threshold:
-      if (p < 0 || std::isinf(p)) fail("the threshold must be ≥ 0");
+      if (p < 0 || std::isinf(p)) fail("the threshold must be finite and ≥ 0");
       break;
     case RankMode::Ratio:
     case RankMode::Quantile:
@@ -544,12 +563,26 @@ torch::Tensor difference(const io::SafetensorsFile& base, const io::SafetensorsF
   return out;
 }
 
+// max|D|: NaN when D holds a NaN, Inf when it holds an Inf.
+double max_abs(const torch::Tensor& D) {
+  return torch::linalg_vector_norm(D, INFINITY, c10::nullopt, false, c10::nullopt).item<double>();
+}
+
+// For tuned − base of `key` with max|D| = dmax not finite: FormatError naming the input file whose tensor has
+// NaN/Inf, else Error for the F32 subtraction itself overflowing.
+void require_finite_difference(double dmax, const io::SafetensorsFile& base, const io::SafetensorsFile& tuned,
+                               const std::string& key) {
+  if (std::isfinite(dmax)) return;
+  require_finite(base.tensor(key), base.path(), key);
+  require_finite(tuned.tensor(key), tuned.path(), key);
+  throw Error(tuned.path() + ": tensor '" + key + "': tuned − base overflows F32 (the difference is computed in F32)");
+}
+
 // The reference's test allclose(W_tuned, W_base, rtol 1e-5, atol 1e-8) (fp32), decided from D = W_tuned − W_base
-// without full-size temporaries: max|D| = 0 → close; max|D| above atol + rtol·max|W_base| → the element holding
-// max|D| fails its own bound; only in between (rare) is the element-wise test run.
-bool unchanged(const torch::Tensor& D, const io::SafetensorsFile& base, const io::SafetensorsFile& tuned,
+// (dmax = max|D|) without full-size temporaries: max|D| = 0 → close; max|D| above atol + rtol·max|W_base| → the
+// element holding max|D| fails its own bound; only in between (rare) is the element-wise test run.
+bool unchanged(const torch::Tensor& D, double dmax, const io::SafetensorsFile& base, const io::SafetensorsFile& tuned,
                const std::string& key) {
-  const double dmax = torch::linalg_vector_norm(D, INFINITY, c10::nullopt, false, c10::nullopt).item<double>();
   if (dmax == 0) return true;
   auto wb = base.tensor(key);
   const double bmax =
@@ -651,12 +684,17 @@ LayerOutcome process_layer(const naming::BaseLayer& layer, const io::Safetensors
     return out;
   }
   auto D = difference(base, tuned, layer.weight_key, o.device, ws.take(bi.shape, o.device));
-  if (unchanged(D, base, tuned, layer.weight_key)) {
+  const double dmax = max_abs(D);
+  require_finite_difference(dmax, base, tuned, layer.weight_key);
+  if (unchanged(D, dmax, base, tuned, layer.weight_key)) {
     done_with_inputs();
     return out;
   }
   torch::Tensor bias_delta;
-  if (!layer.bias_key.empty()) bias_delta = difference(base, tuned, layer.bias_key, o.device);
+  if (!layer.bias_key.empty()) {
+    bias_delta = difference(base, tuned, layer.bias_key, o.device);
+    require_finite_difference(max_abs(bias_delta), base, tuned, layer.bias_key);
+  }
   done_with_inputs();
 
   auto& lr = out.report;
@@ -679,9 +717,11 @@ LayerOutcome process_layer(const naming::BaseLayer& layer, const io::Safetensors
   } else {
     fit = extract_layer(D, bias_delta, o);
   }
-  // what the file will hold: floats in the output dtype
+  // what the file will hold: floats in the output dtype, all finite
   for (auto& [suffix, t] : fit.tensors)
-    if (torch::isFloatingType(t.scalar_type())) t = t.to(o.dtype);
+    if (torch::isFloatingType(t.scalar_type()))
+      t = round_finite(t, o.dtype, "layer " + layer.weight_key, lr.module + "." + suffix,
+                       "choose a wider --dtype (bf16, fp32)");
   out.kind = LayerOutcome::Extracted;
   out.err = residual_norm(D, fit);
   lr.form = fit.form;
@@ -711,6 +751,7 @@ ExtractReport extract(const std::string& base_path, const std::string& tuned_pat
                       const ExtractOptions& o, const std::function<void(const ExtractLayerReport&)>& on_layer) {
   const auto t0 = Clock::now();
   validate(o);
+  io::check_output_path(output);  // before minutes of work
   auto base = io::SafetensorsFile::open(base_path);
   auto tuned = io::SafetensorsFile::open(tuned_path);
   check_same_keys(base, tuned);
@@ -750,7 +791,11 @@ ExtractReport extract(const std::string& base_path, const std::string& tuned_pat
       std::optional<LayerOutcome> r;
       std::exception_ptr failure;
       try {
-        r = process_layer(layers[i], base, tuned, o, ws);
+        try {
+          r = process_layer(layers[i], base, tuned, o, ws);
+        } catch (...) {
+          rethrow_with_context({tuned.path(), base.path()}, "layer " + layers[i].weight_key);
+        }
       } catch (...) {
         failure = std::current_exception();
       }

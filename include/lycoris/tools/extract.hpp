@@ -44,6 +44,9 @@ enum class RankMode { Fixed, Threshold, Ratio, Quantile, Full };
 // "locon"/"lora", "loha", "lokr" · "fixed", "threshold", "ratio", "quantile", "full" (OptionError otherwise).
 ExtractAlgo parse_extract_algo(const std::string& name);
 RankMode parse_rank_mode(const std::string& name);
+// The --device of extract and resize: "cpu", or "cuda[:N]" when torch sees a CUDA device (OptionError
+// otherwise, before any work).
+torch::Device parse_device(const std::string& name);
 const char* to_string(ExtractAlgo algo);
 const char* to_string(RankMode mode);
 
@@ -127,9 +130,13 @@ torch::Tensor fit_delta(const LayerFit& fit, torch::IntArrayRef weight_shape);
 std::string extract_module_name(const std::string& prefix, const std::string& path);
 
 // Extracts base → tuned into `output` (.safetensors, written atomically). Throws OptionError for bad
-// options, KeyError when a weight/bias key is in one checkpoint only, ShapeError when shapes differ,
-// FormatError/IOError for unreadable files; `output` is untouched on error. `on_layer` is called after
-// each extracted layer.
+// options, IOError before any work when `output` cannot be written (io::check_output_path), KeyError when
+// a weight/bias key is in one checkpoint only, ShapeError when shapes differ, FormatError/IOError for
+// unreadable files, FormatError "<file>: tensor '<key>' has N NaN/Inf value(s)" for a changed layer's
+// weight or bias with NaN/Inf in either checkpoint, Error when a written tensor overflows options.dtype;
+// an error in the work on a layer (torch's included, as its message's first line) is one line
+// "<tuned>: layer <key>: …". `output` is untouched on error. `on_layer` is called after each extracted
+// layer.
 ExtractReport extract(const std::string& base, const std::string& tuned, const std::string& output,
                       const ExtractOptions& options,
                       const std::function<void(const ExtractLayerReport&)>& on_layer = {});
