@@ -8,6 +8,8 @@
 #include <memory>
 
 #include "commands.hpp"
+#include "common.hpp"
+#include "lycoris/text.hpp"
 #include "lycoris/error.hpp"
 #include "lycoris/tools/extract.hpp"
 
@@ -83,17 +85,17 @@ void register_extract(CLI::App& app) {
     o.loha_iters = a.loha_iters;
     o.loha_tol = a.loha_tol;
     o.lokr_factor = a.factor;
-    o.device = tools::parse_device(a.device);
-    o.threads = a.threads;
+    o.device = parse_device(a.device);
+    o.threads = a.threads == 0 ? 0 : thread_count(a.threads);
     const bool quiet = a.quiet;
     auto r = tools::extract(a.base, a.tuned, a.output, o, [quiet](const tools::ExtractLayerReport& l) {
       if (quiet) return;
       if (l.form == "skipped")
-        std::printf("%-60s skipped (%s)\n", l.module.c_str(), l.note.c_str());
+        std::printf("%-60s skipped (%s)\n", escape_control(l.module).c_str(), escape_control(l.note).c_str());
       else
-        std::printf("%-60s %-13s rank %-5lld rel.err %.4e  %.2f s%s%s\n", l.module.c_str(), l.form.c_str(),
+        std::printf("%-60s %-13s rank %-5lld rel.err %.4e  %.2f s%s%s\n", escape_control(l.module).c_str(), l.form.c_str(),
                     static_cast<long long>(l.rank), l.rel_error, l.seconds, l.note.empty() ? "" : "  ",
-                    l.note.c_str());
+                    escape_control(l.note).c_str());
     });
     size_t extracted = r.layers.size() - r.skipped;
     std::printf("extracted %zu layer(s) (%zu unchanged, %zu skipped) into %s: %zu tensors, %.1f MB, "

@@ -3,6 +3,8 @@
 #include <memory>
 
 #include "commands.hpp"
+#include "common.hpp"
+#include "lycoris/text.hpp"
 #include "lycoris/error.hpp"
 #include "lycoris/tools/resize.hpp"
 
@@ -35,17 +37,17 @@ void register_resize(CLI::App& app) {
     else if (ratio->count()) o.rule = {tools::RankMode::Ratio, a.ratio};
     else if (threshold->count()) o.rule = {tools::RankMode::Threshold, a.threshold};
     else throw OptionError("resize: give one of --dim, --ratio, --threshold");
-    o.device = tools::parse_device(a.device);
-    o.threads = a.threads;
+    o.device = parse_device(a.device);
+    o.threads = a.threads == 0 ? 0 : thread_count(a.threads);
     auto r = tools::resize(a.input, a.output, o);
     if (!a.quiet)
       for (const auto& m : r.modules) {
         if (m.resized)
-          std::printf("%-60s rank %lld -> %lld  retained energy %.6f%s%s\n", m.module.c_str(),
+          std::printf("%-60s rank %lld -> %lld  retained energy %.6f%s%s\n", escape_control(m.module).c_str(),
                       static_cast<long long>(m.old_rank), static_cast<long long>(m.new_rank), m.retained_energy,
-                      m.note.empty() ? "" : "  ", m.note.c_str());
+                      m.note.empty() ? "" : "  ", escape_control(m.note).c_str());
         else
-          std::printf("%-60s %s\n", m.module.c_str(), m.note.c_str());
+          std::printf("%-60s %s\n", escape_control(m.module).c_str(), escape_control(m.note).c_str());
       }
     std::printf("resized %zu module(s), copied %zu unchanged, into %s: retained energy %.6f, %.2f s\n", r.resized,
                 r.copied, a.output.c_str(), r.retained_energy, r.seconds);

@@ -12,6 +12,9 @@ namespace lycoris::io::detail {
 
 std::string errno_text();
 
+// IOError "<path>: cannot write here: <why>" when `path` exists and is not a regular file.
+void refuse_non_regular_output(const std::string& path);
+
 // The header JSON for `decls` (packed in order from offset 0) and `metadata`, without padding; the byte
 // size of every tensor goes to `sizes`. Throws FormatError/ShapeError naming `path` and the tensor.
 std::string header_json(const std::string& path, const std::vector<TensorDecl>& decls,

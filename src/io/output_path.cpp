@@ -13,12 +13,8 @@ namespace lycoris::io {
 void check_output_path(const std::string& path) {
   auto fail = [&](const std::string& reason) { throw IOError(path + ": cannot write here: " + reason); };
   if (path.empty()) fail("no output path given");
+  detail::refuse_non_regular_output(path);
   struct stat st {};
-  if (::stat(path.c_str(), &st) == 0) {
-    if (S_ISDIR(st.st_mode)) fail("it is a directory");
-    // the rename would replace a device, FIFO or socket node instead of writing through it
-    if (!S_ISREG(st.st_mode)) fail("it exists and is not a regular file");
-  }
   auto parent = std::filesystem::path(path).parent_path().string();
   if (parent.empty()) parent = ".";
   if (::stat(parent.c_str(), &st) != 0) {

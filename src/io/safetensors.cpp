@@ -308,13 +308,16 @@ std::string directory_of(const std::string& path) {
 
 }  // namespace
 
-AtomicFile::AtomicFile(std::string path) : path_(std::move(path)) {
-  // An output that exists must be a regular file: the rename would replace a directory's entry (or, as
-  // root, a device node); known now, before any work.
+void refuse_non_regular_output(const std::string& path) {
+  // the rename would replace a directory's entry, or (as root) a device, FIFO or socket node
   struct stat st {};
-  if (::stat(path_.c_str(), &st) == 0 && !S_ISREG(st.st_mode))
-    throw IOError(path_ + ": cannot write the output here: " +
+  if (::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode))
+    throw IOError(path + ": cannot write here: " +
                   (S_ISDIR(st.st_mode) ? "it is a directory" : "it exists and is not a regular file"));
+}
+
+AtomicFile::AtomicFile(std::string path) : path_(std::move(path)) {
+  refuse_non_regular_output(path_);  // known now, before any work
   static std::atomic<unsigned> counter{0};
   tmp_ = path_ + ".tmp-" + std::to_string(getpid()) + "-" + std::to_string(counter++);
   // An unnamed file in the destination directory: nothing named is left behind even by SIGKILL. Where the

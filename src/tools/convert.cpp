@@ -13,6 +13,7 @@
 #include "lycoris/algorithms.hpp"
 #include "lycoris/adapter_file.hpp"
 #include "lycoris/error.hpp"
+#include "lycoris/io/output_path.hpp"
 #include "lycoris/functional/common.hpp"
 #include "lycoris/io/safetensors.hpp"
 #include "lycoris/version.hpp"
@@ -394,6 +395,7 @@ std::string peft_refusal(const Algorithm* algo, const TensorMap& t) {
 }  // namespace
 
 ConvertReport convert(const std::string& input, const std::string& output, const ConvertOptions& o) {
+  io::check_output_path(output);
   ConvertReport report;
   auto in = read_adapter(input);
   if (in.modules.empty()) throw KeyError(input + ": " + no_modules_problem(in.tensors));

@@ -189,20 +189,6 @@ RankMode parse_rank_mode(const std::string& name) {
   throw OptionError("--mode: '" + name + "' is not one of fixed, threshold, ratio, quantile, full");
 }
 
-torch::Device parse_device(const std::string& name) {
-  std::optional<torch::Device> device;
-  try {
-    device = torch::Device(name);
-  } catch (const c10::Error&) {
-  }
-  if (!device || !(device->is_cpu() || device->is_cuda()))
-    throw OptionError("--device: '" + name + "' is not a device the tools run on (cpu, cuda, cuda:N)");
-  if (device->is_cuda() && (!torch::cuda::is_available() || device->index() >= torch::cuda::device_count()))
-    throw OptionError("--device: '" + name + "': torch sees " + std::to_string(torch::cuda::device_count()) +
-                      " CUDA device(s)");
-  return *device;
-}
-
 const char* to_string(ExtractAlgo algo) {
   switch (algo) {
     case ExtractAlgo::LoCon: return "locon";

@@ -32,6 +32,7 @@
 #include "lycoris/functional/dora.hpp"
 #include "lycoris/functional/lokr.hpp"
 #include "lycoris/io/rewriter.hpp"
+#include "lycoris/io/output_path.hpp"
 #include "lycoris/io/safetensors.hpp"
 #include "lycoris/modules/dylora.hpp"
 #include "lycoris/modules/ia3.hpp"
@@ -614,6 +615,7 @@ std::string explain_nonfinite(const std::string& key, const torch::Tensor& base_
 
 MergeReport merge(const std::string& base_path, const std::string& output, const MergeOptions& options) {
   const auto t0 = Clock::now();
+  io::check_output_path(output);  // before the adapters are even opened
   MergeReport report;
   auto warn = [&](const std::string& w) {
     report.warnings.push_back(w);

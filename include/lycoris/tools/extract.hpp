@@ -44,9 +44,6 @@ enum class RankMode { Fixed, Threshold, Ratio, Quantile, Full };
 // "locon"/"lora", "loha", "lokr" · "fixed", "threshold", "ratio", "quantile", "full" (OptionError otherwise).
 ExtractAlgo parse_extract_algo(const std::string& name);
 RankMode parse_rank_mode(const std::string& name);
-// The --device of extract and resize: "cpu", or "cuda[:N]" when torch sees a CUDA device (OptionError
-// otherwise, before any work).
-torch::Device parse_device(const std::string& name);
 const char* to_string(ExtractAlgo algo);
 const char* to_string(RankMode mode);
 
