@@ -3,9 +3,11 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <exception>
 #include <limits>
 #include <nlohmann/json.hpp>
+#include <string_view>
 #include <unordered_set>
 
 #include "lycoris/error.hpp"
@@ -273,6 +275,30 @@ class HeaderBuilder {
   std::string entry_error_name_;
 };
 
+// Another common file format, by its first bytes: what to tell someone who gave it as a safetensors file
+// (nullptr when unknown). Only asked once the bytes have failed as safetensors, as a header length
+// (every valid one is < 2^27, so its bytes 4-7 are zero) or as the start of the JSON object.
+const char* other_format(const uint8_t* bytes, size_t size) {
+  auto starts = [&](std::string_view magic) {
+    return size >= magic.size() && std::memcmp(bytes, magic.data(), magic.size()) == 0;
+  };
+  if (starts("PK\x03\x04"))
+    return "this is a ZIP archive (a PyTorch .pt/.pth/.ckpt checkpoint or TorchScript module; convert it to "
+           "safetensors first)";
+  if (size >= 2 && bytes[0] == 0x80 && bytes[1] >= 2 && bytes[1] <= 5)  // pickle PROTO opcode, protocol 2-5
+    return "this is a Python pickle (a PyTorch checkpoint in the legacy format, or another pickled object; "
+           "convert it to safetensors first)";
+  if (starts("GGUF")) return "this is a GGUF file (a llama.cpp / GGML model)";
+  if (starts("\x89HDF\r\n\x1a\n")) return "this is an HDF5 file (a Keras .h5 model?)";
+  if (starts("\x93NUMPY")) return "this is a NumPy .npy array";
+  if (starts("\x1f\x8b")) return "this is a gzip-compressed file (decompress it first)";
+  if (starts("version https://git-lfs"))
+    return "this is a Git LFS pointer, not the file's content (fetch it with `git lfs pull`)";
+  if (starts("<!DOCTYPE") || starts("<!doctype") || starts("<html") || starts("<HTML"))
+    return "this is an HTML page (a failed download?)";
+  return nullptr;
+}
+
 }  // namespace
 
 Header parse_header(const uint8_t* bytes, size_t size, const std::string& file) {
@@ -281,12 +307,20 @@ Header parse_header(const uint8_t* bytes, size_t size, const std::string& file) 
   if (size < 8) ctx.header("file is " + std::to_string(size) + " bytes, too short for the 8-byte header length");
   uint64_t n = 0;
   for (int i = 7; i >= 0; --i) n = (n << 8) | bytes[i];  // little-endian
-  if (n > kMaxHeaderSize)
+  // Bytes that fail as safetensors are named when another format's: not an absurd header length.
+  auto reject_other_format = [&] {
+    if (const char* what = other_format(bytes, size)) ctx.header(std::string("not a safetensors file: ") + what);
+  };
+  if (n > kMaxHeaderSize) {
+    reject_other_format();
     ctx.header("header length " + std::to_string(n) + " exceeds the " + std::to_string(kMaxHeaderSize) +
                "-byte limit");
-  if (n > size - 8)
+  }
+  if (n > size - 8) {
+    reject_other_format();
     ctx.header("header length " + std::to_string(n) + " runs past the end of the file (" + std::to_string(size) +
                " bytes)");
+  }
 
   Header h;
   h.header_size = n;
@@ -294,8 +328,13 @@ Header parse_header(const uint8_t* bytes, size_t size, const std::string& file) 
   const uint64_t data_size = size - h.data_start;
   HeaderBuilder builder(ctx, h, data_size, n);
   if (!json::sax_parse(bytes + 8, bytes + 8 + n, &builder, json::input_format_t::json, /*strict=*/true,
-                       /*ignore_comments=*/false))
+                       /*ignore_comments=*/false)) {
+    // a header that begins like a JSON object is a damaged safetensors file, whatever its first bytes
+    const uint8_t* p = bytes + 8;
+    while (p < bytes + 8 + n && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')) ++p;
+    if (p == bytes + 8 + n || *p != '{') reject_other_format();
     ctx.header("not valid JSON: " + printable(builder.syntax_error(), 300));
+  }
   if (!builder.root().is_object()) ctx.header("not a JSON object (got " + std::string(builder.root().type_name()) + ")");
   builder.rethrow_entry_error();
 
