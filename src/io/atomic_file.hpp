@@ -1,5 +1,6 @@
-// Internal to io/: what SafetensorsWriter and SafetensorsRewriter share — the header JSON of a list of
-// declarations, and the temporary file that becomes the output only by an atomic rename.
+// Internal to io/: what SafetensorsFile, SafetensorsWriter and SafetensorsRewriter share — the header JSON of
+// a list of declarations, opening and reading inputs, and the temporary file that becomes the output only
+// by an atomic rename.
 #pragma once
 #include <cstdint>
 #include <map>
@@ -22,6 +23,11 @@ std::string header_json(const std::string& path, const std::vector<TensorDecl>& 
 
 // The 8-byte little-endian length prefix followed by the header.
 std::string header_bytes(const std::string& json);
+
+// Opens `path` for reading, `flags` added to O_RDONLY | O_CLOEXEC (O_DIRECT: retried without it if
+// refused). Anything but a regular file is an IOError "<path>: is a FIFO, not a regular file" (likewise a
+// directory, device, socket), never a wait for a FIFO's writer. `size`, if given: the file's size.
+int open_input(const std::string& path, int flags, uint64_t* size = nullptr);
 
 // pread of [offset, offset + n) of `fd` into `p`, restarting after short reads and EINTR; an O_DIRECT
 // descriptor the filesystem refuses (EINVAL) goes on buffered. Stops early only at the end of the file:

@@ -3,9 +3,12 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
+#include <exception>
 #include <limits>
 #include <nlohmann/json.hpp>
-#include <set>
+#include <string_view>
+#include <unordered_set>
 
 #include "lycoris/error.hpp"
 
@@ -42,12 +45,6 @@ namespace {
 constexpr uint64_t kInt64Max = static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
 const char* const kMetadata = "__metadata__";
 
-// Thrown from inside the JSON parser callback (duplicate key, nesting); turned into FormatError.
-struct Reject {
-  std::string where, reason;  // where: "" (header) or the tensor name
-  bool tensor;
-};
-
 struct Ctx {
   const std::string& file;
   [[noreturn]] void header(const std::string& reason) const {
@@ -56,61 +53,6 @@ struct Ctx {
   [[noreturn]] void tensor(const std::string& name, const std::string& reason) const {
     throw FormatError(file + ": tensor '" + printable(name) + "': " + reason);
   }
-};
-
-// Duplicate keys at any level (nlohmann silently keeps the last one) and nesting deeper than a valid
-// header ever needs (root object → entry object → shape array) are rejected while parsing.
-class Guard {
- public:
-  bool operator()(int /*depth*/, json::parse_event_t event, json& parsed) {
-    switch (event) {
-      case json::parse_event_t::object_start:
-      case json::parse_event_t::array_start: {
-        Frame f;
-        f.object = event == json::parse_event_t::object_start;
-        if (!stack_.empty()) f.name = stack_.size() == 1 ? stack_.back().last_key : stack_[1].name;
-        if (stack_.size() >= 3) reject(f.name, "JSON nested deeper than a safetensors header allows", stack_[0].object);
-        stack_.push_back(std::move(f));
-        break;
-      }
-      case json::parse_event_t::object_end:
-      case json::parse_event_t::array_end:
-        if (!stack_.empty()) stack_.pop_back();
-        break;
-      case json::parse_event_t::key: {
-        if (stack_.empty()) break;
-        Frame& f = stack_.back();
-        const std::string& key = parsed.get_ref<const std::string&>();
-        if (!f.keys.insert(key).second) {
-          if (stack_.size() == 1) {
-            if (key == kMetadata) reject("", "duplicate key '__metadata__'", false);
-            reject(key, "duplicate tensor name", true);
-          }
-          reject(f.name, (f.name == kMetadata ? "duplicate key '" : "duplicate field '") + printable(key) + "'",
-                 true);
-        }
-        f.last_key = key;
-        break;
-      }
-      case json::parse_event_t::value:
-        break;
-    }
-    return true;
-  }
-
- private:
-  struct Frame {
-    bool object = true;
-    std::string name;  // tensor name (or __metadata__) this frame belongs to; "" for the root
-    std::string last_key;
-    std::set<std::string> keys;
-  };
-  // in_entry: the problem is inside the value stored under `name` (a tensor entry or __metadata__).
-  [[noreturn]] static void reject(const std::string& name, const std::string& reason, bool in_entry) {
-    if (in_entry && name == kMetadata) throw Reject{"", "__metadata__: " + reason, false};
-    throw Reject{name, reason, in_entry};
-  }
-  std::vector<Frame> stack_;
 };
 
 std::string number_text(const json& v) { return printable(v.dump(), 40); }
@@ -187,6 +129,176 @@ TensorInfo parse_entry(const Ctx& ctx, const std::string& name, const json& e, u
   return t;
 }
 
+void parse_metadata(const Ctx& ctx, const json& m, std::map<std::string, std::string>& out) {
+  if (m.is_null()) return;  // written by some tools for "no metadata" (the Rust reader accepts it)
+  if (!m.is_object()) ctx.header("__metadata__ is not an object (got " + std::string(m.type_name()) + ")");
+  for (const auto& mk : m.items()) {
+    if (!mk.value().is_string())
+      ctx.header("__metadata__ key '" + printable(mk.key()) + "': value is not a string (got " +
+                 mk.value().type_name() + ")");
+    out.emplace(mk.key(), mk.value().get<std::string>());
+  }
+}
+
+// nlohmann SAX handler building the Header as the JSON is read, in linear time (nlohmann's callback
+// parser rescans the parent object whenever a child closes: quadratic in the tensor count). Each root
+// entry becomes a small DOM, validated when it closes, then dropped. Duplicate keys (at every level) and
+// nesting deeper than a header needs (root object → entry → shape array) throw at once. An invalid entry
+// throws only once the whole JSON is read (a later syntax error wins), and the first in key order does:
+// the message does not depend on the order of the entries.
+class HeaderBuilder {
+ public:
+  // A valid entry takes at least 48 bytes of the JSON: room for that many names spares the set's rehashes
+  // (about 30% of the parse of a large header).
+  HeaderBuilder(const Ctx& ctx, Header& h, uint64_t data_size, uint64_t json_size)
+      : ctx_(ctx), h_(h), data_size_(data_size) {
+    names_.reserve(json_size / 48);
+  }
+
+  bool null() { return value(nullptr); }
+  bool boolean(bool v) { return value(v); }
+  bool number_integer(json::number_integer_t v) { return value(v); }
+  bool number_unsigned(json::number_unsigned_t v) { return value(v); }
+  bool number_float(json::number_float_t v, const json::string_t& /*text*/) { return value(v); }
+  bool string(json::string_t& v) { return value(std::move(v)); }
+  bool binary(json::binary_t& v) { return value(json::binary(std::move(v))); }
+  bool start_object(std::size_t /*size*/) { return open(json::value_t::object); }
+  bool start_array(std::size_t /*size*/) { return open(json::value_t::array); }
+  bool end_object() { return close(); }
+  bool end_array() { return close(); }
+
+  bool key(json::string_t& key) {
+    Frame& f = stack_.back();
+    if (!f.value) {  // the root object
+      if (!names_.insert(key).second) {
+        if (key == kMetadata) ctx_.header("duplicate key '__metadata__'");
+        ctx_.tensor(key, "duplicate tensor name");
+      }
+    } else if (f.value->contains(key)) {
+      reject(f.name, (f.name == kMetadata ? "duplicate key '" : "duplicate field '") + printable(key) + "'");
+    }
+    f.key = std::move(key);
+    return true;
+  }
+
+  template <class Exception>
+  bool parse_error(std::size_t /*position*/, const std::string& /*token*/, const Exception& e) {
+    syntax_error_ = e.what();
+    return false;
+  }
+
+  const std::string& syntax_error() const { return syntax_error_; }
+  // The root value; a root object is kept empty (its entries went to the Header).
+  const json& root() const { return root_; }
+  // After a successful parse of a root object: the error of the first invalid entry in key order.
+  void rethrow_entry_error() const {
+    if (entry_error_) std::rethrow_exception(entry_error_);
+  }
+
+ private:
+  struct Frame {
+    json* value;       // the container being filled; nullptr for a root object (its entries are not kept)
+    std::string name;  // the root key this frame lies under ("" for the root and inside a root array)
+    std::string key;   // objects: the key of the next value
+  };
+
+  // A problem inside the value stored under root key `name` (a tensor entry, __metadata__, or "" inside
+  // a root array).
+  [[noreturn]] void reject(const std::string& name, const std::string& reason) const {
+    if (name == kMetadata) ctx_.header("__metadata__: " + reason);
+    ctx_.tensor(name, reason);
+  }
+
+  // Stores `v` where the parser is and returns its address.
+  json* place(json v) {
+    if (stack_.empty()) return &(root_ = std::move(v));
+    Frame& top = stack_.back();
+    if (!top.value) return &(entry_ = std::move(v));
+    if (top.value->is_object()) return &((*top.value)[top.key] = std::move(v));
+    top.value->push_back(std::move(v));
+    return &top.value->back();
+  }
+  bool in_root_object() const { return stack_.size() == 1 && !stack_[0].value; }
+
+  bool value(json v) {
+    place(std::move(v));
+    if (in_root_object()) finish_entry();
+    return true;
+  }
+  bool open(json::value_t type) {
+    Frame f;
+    if (stack_.size() == 1) f.name = stack_[0].key;
+    if (stack_.size() >= 2) f.name = stack_[1].name;
+    if (stack_.size() >= 3) {
+      if (stack_[0].value) ctx_.header("JSON nested deeper than a safetensors header allows");  // a root array
+      reject(f.name, "JSON nested deeper than a safetensors header allows");
+    }
+    if (stack_.empty() && type == json::value_t::object) {
+      root_ = json(type);
+      f.value = nullptr;
+    } else {
+      f.value = place(json(type));
+    }
+    stack_.push_back(std::move(f));
+    return true;
+  }
+  bool close() {
+    stack_.pop_back();
+    if (in_root_object()) finish_entry();
+    return true;
+  }
+
+  // The entry under the root object's last key is complete: validate it into the Header.
+  void finish_entry() {
+    const std::string& name = stack_[0].key;
+    if (entry_error_ && name > entry_error_name_) return;  // an earlier key already failed
+    try {
+      if (name == kMetadata)
+        parse_metadata(ctx_, entry_, h_.metadata);
+      else
+        h_.tensors.push_back(parse_entry(ctx_, name, entry_, data_size_));
+    } catch (const FormatError&) {
+      entry_error_ = std::current_exception();
+      entry_error_name_ = name;
+    }
+  }
+
+  const Ctx& ctx_;
+  Header& h_;
+  uint64_t data_size_;
+  json root_;   // the root value (a root object stays empty)
+  json entry_;  // the root object's entry being read
+  std::vector<Frame> stack_;
+  std::unordered_set<std::string> names_;  // the root object's keys
+  std::string syntax_error_;
+  std::exception_ptr entry_error_;
+  std::string entry_error_name_;
+};
+
+// Another common file format, by its first bytes: what to tell someone who gave it as a safetensors file
+// (nullptr when unknown). Only asked once the bytes have failed as safetensors, as a header length
+// (every valid one is < 2^27, so its bytes 4-7 are zero) or as the start of the JSON object.
+const char* other_format(const uint8_t* bytes, size_t size) {
+  auto starts = [&](std::string_view magic) {
+    return size >= magic.size() && std::memcmp(bytes, magic.data(), magic.size()) == 0;
+  };
+  if (starts("PK\x03\x04"))
+    return "this is a ZIP archive (a PyTorch .pt/.pth/.ckpt checkpoint or TorchScript module; convert it to "
+           "safetensors first)";
+  if (size >= 2 && bytes[0] == 0x80 && bytes[1] >= 2 && bytes[1] <= 5)  // pickle PROTO opcode, protocol 2-5
+    return "this is a Python pickle (a PyTorch checkpoint in the legacy format, or another pickled object; "
+           "convert it to safetensors first)";
+  if (starts("GGUF")) return "this is a GGUF file (a llama.cpp / GGML model)";
+  if (starts("\x89HDF\r\n\x1a\n")) return "this is an HDF5 file (a Keras .h5 model?)";
+  if (starts("\x93NUMPY")) return "this is a NumPy .npy array";
+  if (starts("\x1f\x8b")) return "this is a gzip-compressed file (decompress it first)";
+  if (starts("version https://git-lfs"))
+    return "this is a Git LFS pointer, not the file's content (fetch it with `git lfs pull`)";
+  if (starts("<!DOCTYPE") || starts("<!doctype") || starts("<html") || starts("<HTML"))
+    return "this is an HTML page (a failed download?)";
+  return nullptr;
+}
+
 }  // namespace
 
 Header parse_header(const uint8_t* bytes, size_t size, const std::string& file) {
@@ -195,45 +307,36 @@ Header parse_header(const uint8_t* bytes, size_t size, const std::string& file) 
   if (size < 8) ctx.header("file is " + std::to_string(size) + " bytes, too short for the 8-byte header length");
   uint64_t n = 0;
   for (int i = 7; i >= 0; --i) n = (n << 8) | bytes[i];  // little-endian
-  if (n > kMaxHeaderSize)
+  // Bytes that fail as safetensors are named when another format's: not an absurd header length.
+  auto reject_other_format = [&] {
+    if (const char* what = other_format(bytes, size)) ctx.header(std::string("not a safetensors file: ") + what);
+  };
+  if (n > kMaxHeaderSize) {
+    reject_other_format();
     ctx.header("header length " + std::to_string(n) + " exceeds the " + std::to_string(kMaxHeaderSize) +
                "-byte limit");
-  if (n > size - 8)
+  }
+  if (n > size - 8) {
+    reject_other_format();
     ctx.header("header length " + std::to_string(n) + " runs past the end of the file (" + std::to_string(size) +
                " bytes)");
-
-  json root;
-  try {
-    Guard guard;
-    root = json::parse(bytes + 8, bytes + 8 + n, std::ref(guard), /*allow_exceptions=*/true,
-                       /*ignore_comments=*/false);
-  } catch (const Reject& r) {
-    if (r.tensor) ctx.tensor(r.where, r.reason);
-    ctx.header(r.reason);
-  } catch (const json::exception& e) {
-    ctx.header("not valid JSON: " + printable(e.what(), 300));
   }
-  if (!root.is_object()) ctx.header("not a JSON object (got " + std::string(root.type_name()) + ")");
 
   Header h;
   h.header_size = n;
   h.data_start = 8 + n;
   const uint64_t data_size = size - h.data_start;
-  for (const auto& kv : root.items()) {
-    if (kv.key() == kMetadata) {
-      const json& m = kv.value();
-      if (m.is_null()) continue;  // written by some tools for "no metadata" (the Rust reader accepts it)
-      if (!m.is_object()) ctx.header("__metadata__ is not an object (got " + std::string(m.type_name()) + ")");
-      for (const auto& mk : m.items()) {
-        if (!mk.value().is_string())
-          ctx.header("__metadata__ key '" + printable(mk.key()) + "': value is not a string (got " +
-                     mk.value().type_name() + ")");
-        h.metadata.emplace(mk.key(), mk.value().get<std::string>());
-      }
-      continue;
-    }
-    h.tensors.push_back(parse_entry(ctx, kv.key(), kv.value(), data_size));
+  HeaderBuilder builder(ctx, h, data_size, n);
+  if (!json::sax_parse(bytes + 8, bytes + 8 + n, &builder, json::input_format_t::json, /*strict=*/true,
+                       /*ignore_comments=*/false)) {
+    // a header that begins like a JSON object is a damaged safetensors file, whatever its first bytes
+    const uint8_t* p = bytes + 8;
+    while (p < bytes + 8 + n && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')) ++p;
+    if (p == bytes + 8 + n || *p != '{') reject_other_format();
+    ctx.header("not valid JSON: " + printable(builder.syntax_error(), 300));
   }
+  if (!builder.root().is_object()) ctx.header("not a JSON object (got " + std::string(builder.root().type_name()) + ")");
+  builder.rethrow_entry_error();
 
   // Writers order header keys arbitrarily: sort by offset, then the tensors must tile the buffer.
   std::sort(h.tensors.begin(), h.tensors.end(), [](const TensorInfo& a, const TensorInfo& b) {

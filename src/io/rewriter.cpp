@@ -238,9 +238,7 @@ SafetensorsRewriter::SafetensorsRewriter(const std::string& input, const Header&
   const uint64_t window = (std::max(options.window_bytes, need) + (2ull << 20) - 1) / (2ull << 20) * (2ull << 20);
   s.ring = std::make_unique<DoubleMappedRing>(window);
 
-  s.in_fd = ::open(input.c_str(), O_RDONLY | O_CLOEXEC | (options.direct_read && !std::getenv("LYCORIS_NO_DIRECT_IO") ? O_DIRECT : 0));
-  if (s.in_fd < 0 && options.direct_read) s.in_fd = ::open(input.c_str(), O_RDONLY | O_CLOEXEC);
-  if (s.in_fd < 0) throw IOError(input + ": cannot open: " + detail::errno_text());
+  s.in_fd = detail::open_input(input, options.direct_read && !std::getenv("LYCORIS_NO_DIRECT_IO") ? O_DIRECT : 0);
   s.out.reserve(s.total);
   s.out_direct = s.out.try_direct();
   s.read_to = s.first;

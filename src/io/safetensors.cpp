@@ -73,19 +73,9 @@ struct SafetensorsFile::Mapping {
 SafetensorsFile SafetensorsFile::open(const std::string& path) {
   auto m = std::make_shared<Mapping>();
   m->path = path;
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw IOError(path + ": cannot open: " + errno_text());
-  struct stat st {};
-  if (fstat(fd, &st) != 0) {
-    std::string e = errno_text();
-    ::close(fd);
-    throw IOError(path + ": cannot stat: " + e);
-  }
-  if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
-    throw IOError(path + ": not a regular file");
-  }
-  m->size = static_cast<size_t>(st.st_size);
+  uint64_t size = 0;
+  const int fd = detail::open_input(path, 0, &size);
+  m->size = static_cast<size_t>(size);
   if (m->size > 0) {
     // Read-only private mapping: tensors are views of it and can never write back into the file.
     void* p = mmap(nullptr, m->size, PROT_READ, MAP_PRIVATE, fd, 0);
@@ -173,6 +163,46 @@ std::map<std::string, torch::Tensor> SafetensorsFile::all() const {
 namespace detail {
 
 std::string errno_text() { return std::strerror(errno); }
+
+namespace {
+
+const char* file_kind(mode_t mode) {
+  if (S_ISDIR(mode)) return "is a directory";
+  if (S_ISFIFO(mode)) return "is a FIFO";
+  if (S_ISCHR(mode)) return "is a character device";
+  if (S_ISBLK(mode)) return "is a block device";
+  if (S_ISSOCK(mode)) return "is a socket";
+  return "is a special file";
+}
+
+}  // namespace
+
+int open_input(const std::string& path, int flags, uint64_t* size) {
+  auto not_regular = [&](mode_t mode) { return IOError(path + ": " + file_kind(mode) + ", not a regular file"); };
+  // O_NONBLOCK: a FIFO's open would otherwise wait for a writer, maybe forever (cleared below)
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | flags);
+  if (fd < 0 && (flags & O_DIRECT)) fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | (flags & ~O_DIRECT));
+  struct stat st {};
+  if (fd < 0) {
+    const IOError error(path + ": cannot open: " + errno_text());
+    if (::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode)) throw not_regular(st.st_mode);  // e.g. a socket
+    throw error;
+  }
+  auto fail = [&](const std::string& what) {
+    const IOError error(path + ": " + what + ": " + errno_text());
+    ::close(fd);
+    return error;
+  };
+  if (fstat(fd, &st) != 0) throw fail("cannot stat");
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw not_regular(st.st_mode);
+  }
+  const int fl = fcntl(fd, F_GETFL);
+  if (fl < 0 || fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) != 0) throw fail("cannot open");
+  if (size) *size = static_cast<uint64_t>(st.st_size);
+  return fd;
+}
 
 uint64_t pread_full(int fd, const std::string& path, void* p, uint64_t n, uint64_t offset) {
   auto* bytes = static_cast<uint8_t*>(p);

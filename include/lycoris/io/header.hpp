@@ -35,7 +35,9 @@ struct Header {
 // any level); `__metadata__` is an object of string → string (or null); every other entry has exactly
 // dtype/shape/data_offsets, a known dtype, non-negative integer dims whose product (and byte size) fits
 // in int64, data_offsets [begin, end] with end − begin = numel × item size; sorted by offset, the
-// tensors tile the data buffer exactly (no gap, overlap, bytes past the end or trailing bytes).
+// tensors tile the data buffer exactly (no gap, overlap, bytes past the end or trailing bytes). A file of
+// another format (PyTorch ZIP archive, pickle, GGUF, HDF5, …) that fails as safetensors is named instead:
+// "<file>: header: not a safetensors file: this is a ZIP archive (…)". Linear in the header's size.
 // `bytes`/`size` = the whole file (only the first 8 + N bytes are read).
 Header parse_header(const uint8_t* bytes, size_t size, const std::string& file);
 

@@ -25,7 +25,8 @@ DType from_torch(torch::ScalarType type);
 // into them) and keep the mapping alive after the SafetensorsFile is gone.
 class SafetensorsFile {
  public:
-  // mmap + full header validation (FormatError "<path>: <reason>"); IOError if it cannot be opened.
+  // mmap + full header validation (FormatError "<path>: <reason>"); IOError if it cannot be opened or is
+  // not a regular file (a FIFO, device or directory is refused at once, never waited on).
   static SafetensorsFile open(const std::string& path);
 
   const std::string& path() const;
