@@ -34,27 +34,27 @@ torch::Device parse_device(const std::string& text) {
   try {
     device = torch::Device(text);
   } catch (const std::exception&) {
-    throw OptionError("--device '" + escape_control(text) + "': unknown device (cpu, cuda, cuda:N, mps)");
+    throw OptionError("--device: '" + escape_control(text) + "': unknown device (cpu, cuda, cuda:N, mps)");
   }
   if (device->is_cpu()) return *device;
   if (device->is_cuda()) {
     if (!torch::cuda::is_available())
-      throw OptionError("--device " + text + ": this build of libtorch has no CUDA (or no CUDA device is visible)");
+      throw OptionError("--device: '" + text + "': this build of libtorch has no CUDA (or no CUDA device is visible)");
     const auto count = static_cast<int64_t>(torch::cuda::device_count());
     if (device->has_index() && device->index() >= count)
-      throw OptionError("--device " + text + ": there are only " + std::to_string(count) + " CUDA device(s)");
+      throw OptionError("--device: '" + text + "': there are only " + std::to_string(count) + " CUDA device(s)");
     return *device;
   }
   if (device->is_mps()) {
-    if (!at::hasMPS()) throw OptionError("--device " + text + ": this build of libtorch has no MPS");
+    if (!at::hasMPS()) throw OptionError("--device: '" + text + "': this build of libtorch has no MPS");
     return *device;
   }
-  throw OptionError("--device " + text + ": not supported (cpu, cuda, cuda:N, mps)");
+  throw OptionError("--device: '" + text + "': not supported (cpu, cuda, cuda:N, mps)");
 }
 
 int thread_count(int requested) {
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  if (requested < 0) throw OptionError("--threads " + std::to_string(requested) + ": must be 0 (all) or more");
+  if (requested < 0) throw OptionError("--threads: must be ≥ 0 (0: every hardware thread), got " + std::to_string(requested));
   if (requested == 0) return cores;
   if (requested > cores) {
     warn("--threads " + std::to_string(requested) + " is more than the " + std::to_string(cores) +

@@ -365,8 +365,8 @@ TEST(MergeScalePaths, RewriterAndBufferPoolAgree) {
   lycoris::tools::MergeOptions opt;
   opt.adapters = {{adapter, 0.7}};
   lycoris::tools::merge(base, dir + "/rewriter.safetensors", opt);
-  // the window (a memfd of ≥ 256 MB here) cannot be sized
-  auto limit = std::make_unique<lycoris::test::FileSizeLimit>(64ull << 20);
+  // the window (a memfd of max_bytes_in_flight, ≥ 64 MB by default) cannot be sized
+  auto limit = std::make_unique<lycoris::test::FileSizeLimit>(32ull << 20);
   ASSERT_TRUE(limit->ok());
   lycoris::tools::MergeReport report;
   try {
