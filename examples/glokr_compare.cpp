@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "lycoris/algorithms.hpp"
-#include "lycoris/data/idx.hpp"
+#include "idx.hpp"
 #include "lycoris/io/safetensors.hpp"
 #include "lycoris/layer.hpp"
 

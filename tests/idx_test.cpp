@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "lycoris/data/idx.hpp"
+#include "idx.hpp"
 #include "lycoris/error.hpp"
 #include "test_util.hpp"
 

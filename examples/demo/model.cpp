@@ -6,7 +6,7 @@
 #include <string>
 
 #include "demo.hpp"
-#include "lycoris/data/idx.hpp"
+#include "idx.hpp"
 #include "lycoris/error.hpp"
 #include "lycoris/io/safetensors.hpp"
 

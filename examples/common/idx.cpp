@@ -1,5 +1,5 @@
 // IDX reader on zlib's gz* API (it reads gzip and plain files alike).
-#include "lycoris/data/idx.hpp"
+#include "idx.hpp"
 
 #include <torch/torch.h>
 #include <zlib.h>
