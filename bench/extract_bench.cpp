@@ -1,4 +1,4 @@
-// extract / resize at SD1.5 scale (issue 6 items 4, 5, 7). torch::set_num_threads(2), fp32 CPU math.
+// extract / resize at SD1.5 scale (docs/tools.md#extract). torch::set_num_threads(2), fp32 CPU math.
 //
 //   svd/<method>/<shape>             top-16 SVD of a fine-tune-like ΔW (decaying spectrum σ_i = 0.93^i over
 //                                    rank 96, plus 1 % noise): full LAPACK SVD vs randomized (p = 8, q = 2 / 4).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# merge_bench.sh — `lycoris merge` at SD1.5 scale, per algorithm, against the I/O floor (issue 6 item 1).
+# merge_bench.sh — `lycoris merge` at SD1.5 scale, per algorithm, against the I/O floor (docs/tools.md#performance).
 #
 #   flock /work/build.lock cmake --build build -j2 --target gen_sd15 lycoris_cli   # once
 #   bench/merge_bench.sh [--algos "locon loha lokr"] [--cache cold|warm|both] [--threads N] [--runs N]

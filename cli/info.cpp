@@ -1,6 +1,6 @@
 // `lycoris info FILE [--json]`: tensors, metadata and totals of a safetensors file; for adapter files
 // also the modules (keys grouped by the text before the first '.'), each module's algorithm detected
-// from its key suffixes (FORMAT.md §3), rank and alpha, and a per-algorithm count.
+// from its key suffixes (docs/format.md#detection), rank and alpha, and a per-algorithm count.
 #include <cmath>
 #include <iomanip>
 #include <iostream>

@@ -1,5 +1,5 @@
 // The algorithm registry: the only place that lists every algorithm. Each entry is defined next to
-// its adapter module (src/modules/<algo>.cpp). Order = the reference's detection order (FORMAT.md §3).
+// its adapter module (src/modules/<algo>.cpp). Order = the reference's detection order (docs/format.md#detection).
 #include "lycoris/algorithms.hpp"
 
 #include "lycoris/error.hpp"

@@ -156,7 +156,7 @@ Dialect sgm_dialect() {
           }};
 }
 
-// Original checkpoints (TOOLS.md §4.2).
+// Original checkpoints (docs/tools.md#checkpoint-layouts).
 Dialect ldm_dialect() {
   return {"ldm", [](const std::vector<BaseLayer>& layers, const Emit& emit) {
             std::vector<std::string> unet_paths;

@@ -1,4 +1,4 @@
-// BOFT: butterfly stages of Cayley rotations on the output rows (FORMAT.md §5.9).
+// BOFT: butterfly stages of Cayley rotations on the output rows (docs/format.md#boft).
 #include "adapter_checks.hpp"
 #include "lycoris/error.hpp"
 #include "lycoris/functional/boft.hpp"
@@ -14,7 +14,7 @@ namespace boft_test {
 using namespace lycoris;
 
 TEST(BOFT, WorkedExample) {
-  // FORMAT.md §5.9: O = 4, S = 2, N = 2, M = 2, B[0,0] = B[1,0] = [[0, 0.5], [0, 0]], W = [1,2,3,4]ᵀ
+  // docs/format.md#boft: O = 4, S = 2, N = 2, M = 2, B[0,0] = B[1,0] = [[0, 0.5], [0, 0]], W = [1,2,3,4]ᵀ
   auto B = torch::zeros({2, 2, 2, 2});
   B[0][0][0][1] = 0.5;
   B[1][0][0][1] = 0.5;
@@ -23,7 +23,7 @@ TEST(BOFT, WorkedExample) {
                               torch::tensor({{3.72}, {0.4}, {0.04}, {4.0}}), 1e-6, 0));
   EXPECT_TRUE(test::all_close(functional::boft::diff_weight(W, B, {}, 0, 1.0),
                               torch::tensor({{2.72}, {-1.6}, {-2.96}, {0.0}}), 1e-6, 0));
-  // m = 0 → identity; rescale applies regardless of m (QUIRKS Q19)
+  // m = 0 → identity; rescale applies regardless of m (docs/loaders.md#q19-rescale-ignores-multiplier)
   EXPECT_TRUE(test::all_close(functional::boft::apply_weight(W, B, {}, 0, 0.0), W, 1e-7, 0));
   auto rs = torch::tensor({{2.0}, {1.0}, {1.0}, {0.5}});
   EXPECT_TRUE(test::all_close(functional::boft::apply_weight(W, B, rs, 0, 0.0), W * rs, 1e-7, 0));
@@ -71,7 +71,7 @@ TEST(BOFT, IdentityAtInitBypassGradRoundTrip) {
 }
 
 TEST(BOFT, LayoutAndInvalidOptions) {
-  // TRAINING.md §7.2: blocks (log2(N)+1, N, S, S)
+  // docs/training.md#power2factorization: blocks (log2(N)+1, N, S, S)
   auto shape = [](int64_t O, int64_t rank) {
     return std::make_shared<BOFTImpl>(LayerSpec::linear(4, O), BOFTOptions().rank(rank))->oft_blocks.sizes().vec();
   };
@@ -80,7 +80,7 @@ TEST(BOFT, LayoutAndInvalidOptions) {
   EXPECT_EQ(shape(16, 16), (std::vector<int64_t>{1, 1, 16, 16}));
   EXPECT_EQ(shape(16, -1), (std::vector<int64_t>{1, 1, 16, 16}));
   EXPECT_EQ(shape(320, 16), (std::vector<int64_t>{6, 32, 10, 10}));
-  // QUIRKS Q22: O = 320 needs rank >= 10
+  // docs/loaders.md#q22-boft-layout: O = 320 needs rank >= 10
   try {
     boft_algorithm().create(LayerSpec::linear(4, 320), BOFTOptions().rank(4));
     FAIL();

@@ -1,4 +1,4 @@
-// Diag-OFT: W'_n = M_nᵀ·W_n, M = m·R + (1 − m)·I, R = Cayley(B − Bᵀ) (FORMAT.md §5.8).
+// Diag-OFT: W'_n = M_nᵀ·W_n, M = m·R + (1 − m)·I, R = Cayley(B − Bᵀ) (docs/format.md#diag-oft).
 #include "adapter_checks.hpp"
 #include "lycoris/error.hpp"
 #include "lycoris/functional/diag_oft.hpp"
@@ -14,7 +14,7 @@ namespace diag_oft_test {
 using namespace lycoris;
 
 TEST(DiagOFT, WorkedExample) {
-  // FORMAT.md §5.8: B = [[0, 0.5], [0, 0]] → R = [[0.6, 0.8], [−0.8, 0.6]]
+  // docs/format.md#diag-oft: B = [[0, 0.5], [0, 0]] → R = [[0.6, 0.8], [−0.8, 0.6]]
   auto B = torch::tensor({{{0.0, 0.5}, {0.0, 0.0}}});
   auto W = torch::eye(2);
   auto R = functional::oft::rotations(B, 0, 2, W);
@@ -79,7 +79,7 @@ TEST(DiagOFT, IdentityAtInitBypassGradRoundTrip) {
 }
 
 TEST(DiagOFT, BlockLayoutFollowsFactorization) {
-  // TRAINING.md §7.2 examples
+  // docs/training.md#algo-oft examples
   EXPECT_EQ(functional::diag_oft::block_layout(320, 4), (std::pair<int64_t, int64_t>{4, 80}));
   EXPECT_EQ(functional::diag_oft::block_layout(320, 32), (std::pair<int64_t, int64_t>{10, 32}));
   EXPECT_EQ(functional::diag_oft::block_layout(12, 5), (std::pair<int64_t, int64_t>{3, 4}));
@@ -119,7 +119,7 @@ TEST(DiagOFT, LowPrecisionHostAndDropouts) {
     test::expect_low_precision_host(*a, l, l.describe());
     test::expect_module_dropout(diag_oft_algorithm(), DiagOFTOptions().algo("diag-oft").rank(2), l);
   }
-  // rank_dropout: inverted dropout on the entries of m·R, training only (QUIRKS Q51)
+  // rank_dropout: inverted dropout on the entries of m·R, training only (docs/loaders.md#q51-diag-oft-dropout)
   auto l = LayerSpec::linear(4, 8);
   auto a = diag_oft_algorithm().create(l, DiagOFTOptions().algo("diag-oft").rank(4).rank_dropout(0.5));
   test::randomize(*a);

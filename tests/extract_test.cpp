@@ -92,7 +92,7 @@ TEST(ExtractRank, RulesOnKnownSingularValues) {
   EXPECT_EQ(clamp_rank(0, 12, 16), 1);
   EXPECT_EQ(clamp_rank(40, 12, 16), 12);
   EXPECT_EQ(clamp_rank(40, 64, 3), 3);  // I is the channel count
-  // TOOLS.md §3 quantile check: fractions 0.162, 0.297, 0.420, 0.535 → r = 3 at q = 0.5, r = 1 at q = 0.1
+  // docs/tools.md#extract-rank-modes quantile check: fractions 0.162, 0.297, 0.420, 0.535 → r = 3 at q = 0.5, r = 1 at q = 0.1
   auto T = torch::tensor({6.763, 5.652, 5.163, 4.81, 4.5, 4.2, 3.9, 3.6, 3.42}, torch::kFloat64);
   EXPECT_EQ(select_rank(T, {RankMode::Quantile, 0.5}), 3);
   EXPECT_EQ(clamp_rank(select_rank(T, {RankMode::Quantile, 0.1}), 12, 16), 1);
@@ -249,7 +249,7 @@ TEST(ExtractFits, TuckerLayoutAndExactnessOnATuckerDelta) {
   EXPECT_EQ(m.at("lora_mid.weight").sizes(), torch::IntArrayRef({2, 2, 3, 3}));
   EXPECT_EQ(m.at("lora_up.weight").sizes(), torch::IntArrayRef({12, 2, 1, 1}));
   EXPECT_LT((fit_delta(fit, D.sizes()) - D).norm().item<double>(), 1e-4 * D.norm().item<double>());
-  // a general conv difference: the second truncation can only lose (TOOLS.md §2.2)
+  // a general conv difference: the second truncation can only lose (docs/tools.md#extract-locon)
   auto G = torch::randn({12, 16, 3, 3});
   auto plain = fit_locon(G, 3), tucker = fit_locon(G, 3, o);
   const double ep = (fit_delta(plain, G.sizes()) - G).norm().item<double>();

@@ -1,4 +1,4 @@
-// Full adapter: W' = W + m·diff, b' = b + m·diff_b (FORMAT.md §5.4).
+// Full adapter: W' = W + m·diff, b' = b + m·diff_b (docs/format.md#full).
 #include "adapter_checks.hpp"
 #include "lycoris/error.hpp"
 #include "lycoris/functional/full.hpp"

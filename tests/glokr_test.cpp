@@ -1,4 +1,4 @@
-// GLoKr (docs/glokr.md): ΔW = s·(W ×_in (A1 ⊗ A2) + B1 ⊗ B2), B laid out like LoKr (FORMAT.md §5.3).
+// GLoKr (docs/glokr.md): ΔW = s·(W ×_in (A1 ⊗ A2) + B1 ⊗ B2), B laid out like LoKr (docs/format.md#lokr).
 // Checked against torch::kron / einsum written out here, against the LoKr adapter (A = 0), by finite
 // differences, and by bypass == rebuild == merge.
 #include "adapter_checks.hpp"
@@ -68,7 +68,7 @@ TEST(GLoKr, ZeroAtInit) {
 
 TEST(GLoKr, Layouts) {
   // Linear 48→64, r=2, factor=4: A from factorization(48, 4) = (4, 12): A1 (4,4), A2 (12,2)·(2,12);
-  // B as the LoKr table (TRAINING.md §8): w1 (4,4), w2_a (16,2), w2_b (2,12)
+  // B as the LoKr table (docs/format.md#lokr-layout): w1 (4,4), w2_a (16,2), w2_b (2,12)
   auto a = std::make_shared<GLoKrImpl>(LayerSpec::linear(48, 64), AdapterOptions().algo("glokr").rank(2).factor(4));
   std::vector<std::pair<std::string, std::vector<int64_t>>> expected = {
       {"alpha", {}}, {"glokr_a_w1", {4, 4}}, {"glokr_a_w2_a", {12, 2}}, {"glokr_a_w2_b", {2, 12}},

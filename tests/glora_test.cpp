@@ -1,4 +1,4 @@
-// GLoRA: ΔW = s·(W·A + B), A = a1·a2, B = b1·b2, s = alpha / r (FORMAT.md §5.7).
+// GLoRA: ΔW = s·(W·A + B), A = a1·a2, B = b1·b2, s = alpha / r (docs/format.md#glora).
 #include "adapter_checks.hpp"
 #include "lycoris/error.hpp"
 #include "lycoris/functional/glora.hpp"
@@ -13,7 +13,7 @@ namespace glora_test {
 using namespace lycoris;
 
 TEST(GLoRA, WorkedExample) {
-  // FORMAT.md §5.7: W = [[1,2],[3,4]], a1 = [[1],[0]], a2 = [[0,1]], b1 = [[1],[1]], b2 = [[2,0]], alpha = 1
+  // docs/format.md#glora: W = [[1,2],[3,4]], a1 = [[1],[0]], a2 = [[0,1]], b1 = [[1],[1]], b2 = [[2,0]], alpha = 1
   auto W = torch::tensor({{1.0, 2.0}, {3.0, 4.0}});
   functional::glora::Weights w{torch::tensor({{1.0}, {0.0}}), torch::tensor({{0.0, 1.0}}), torch::tensor({{1.0}, {1.0}}),
                                torch::tensor({{2.0, 0.0}})};
@@ -148,7 +148,7 @@ TEST(GLoRA, BypassDropoutsOnlyInTraining) {
   a->train();
   torch::manual_seed(3);
   EXPECT_FALSE(torch::allclose(a->bypass_forward(x, W, {}, 1.0), y_eval));
-  // no dropout in rebuild mode (TRAINING.md §4.7)
+  // no dropout in rebuild mode (docs/training.md#dropout)
   auto w_train = a->apply_weight(W, 1.0);
   a->eval();
   EXPECT_TRUE(torch::equal(w_train, a->apply_weight(W, 1.0)));

@@ -1,5 +1,5 @@
 // Autograd vs central finite differences, in double precision, for every algorithm and its variants
-// (TRAINING.md §2–§4): the gradient of a scalar loss of the adapted layer's output w.r.t. every adapter
+// (docs/training.md): the gradient of a scalar loss of the adapted layer's output w.r.t. every adapter
 // parameter, through the rebuild path (layer_forward with apply_weight / apply_bias) and through
 // bypass_forward. Every parameter is randomised first, so that no factor sits at its zero init (where
 // many gradients vanish and a wrong formula could still pass).

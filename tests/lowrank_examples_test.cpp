@@ -1,4 +1,4 @@
-// Worked examples of FORMAT.md §5.2/§5.3, TRAINING.md §7 tables, bypass == rebuild.
+// Worked examples of docs/format.md#loha and #lokr, docs/training.md#factorization tables, bypass == rebuild.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 

@@ -1,5 +1,5 @@
 // Naming dialects: the diffusers ↔ ldm U-Net table on every layer of the SD1.5 layer list (and back), the
-// worked examples of TOOLS.md §4.2/§4.3, OpenCLIP ↔ HF with the fused q/k/v rows, kohya / SGM / ldm names
+// worked examples of docs/tools.md#checkpoint-layouts, OpenCLIP ↔ HF with the fused q/k/v rows, kohya / SGM / ldm names
 // resolved through the Resolver, layout detection and its errors, and the underscore → dot guess.
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -36,7 +36,7 @@ std::vector<std::string> ldm_keys(const std::vector<std::string>& modules) {
 
 TEST(NamingTable, Sd15EveryLayerMapsAndRoundTrips) {
   const auto modules = sd15_modules();
-  ASSERT_EQ(modules.size(), 391u);  // the list's layer count (issue 6)
+  ASSERT_EQ(modules.size(), 391u);  // the list's layer count (docs/tools.md#performance)
   std::set<std::string> ldm, blocks;
   for (const auto& m : modules) {
     auto l = sd_unet_table().to_ldm(m);
@@ -61,7 +61,7 @@ TEST(NamingTable, Sd15EveryLayerMapsAndRoundTrips) {
   EXPECT_EQ(blocks, expected);
 }
 
-// TOOLS.md §4.2 table and §4.3 checked examples.
+// docs/tools.md#checkpoint-layouts: the table and its checked examples.
 TEST(NamingTable, WorkedExamples) {
   const auto& sd = sd_unet_table();
   const auto& xl = sdxl_unet_table();

@@ -187,7 +187,7 @@ TEST_P(NetworkAlgo, RebuildRestoreMergeBypassSaveLoad) {
   torch::manual_seed(1);
   auto dropin = std::make_shared<DropIn>();
   load_snapshot(*dropin, base);
-  if (v.module.algo() == "full") {  // Full trains the weight itself: no bypass (TRAINING.md §9)
+  if (v.module.algo() == "full") {  // Full trains the weight itself: no bypass (docs/training.md#algo-full)
     EXPECT_THROW(make_net(dropin, v, /*bypass=*/true), lycoris::OptionError);
   } else {
     auto bnet = make_net(dropin, v, /*bypass=*/true);
@@ -422,7 +422,7 @@ TEST(NetworkOptions, UnknownAlgorithmAndBadOptionsAreOptionErrors) {
   }
 }
 
-// FORMAT.md §2/§5.1/§5.5/§6: names, key order, shapes and alpha of a saved LoCon + Norm network; dtype cast.
+// docs/format.md (module names, LoRA, Norm, key order): names, key order, shapes and alpha of a saved LoCon + Norm network; dtype cast.
 TEST(NetworkSave, KeysShapesAndDtypeFollowTheFormat) {
   torch::manual_seed(7);
   auto model = std::make_shared<Plain>();
@@ -460,7 +460,7 @@ TEST(NetworkSave, KeysShapesAndDtypeFollowTheFormat) {
   EXPECT_EQ(opts["preset"], "full");
 }
 
-// Options the reference's create_lycoris drops silently reach the modules here (QUIRKS Q37).
+// Options the reference's create_lycoris drops silently reach the modules here (docs/loaders.md#q37-ignored-arguments).
 TEST(NetworkOptions, DroppedByTheReferenceReachTheModules) {
   auto model = std::make_shared<Plain>();
   auto net = lycoris::create_lycoris(
@@ -471,7 +471,7 @@ TEST(NetworkOptions, DroppedByTheReferenceReachTheModules) {
     EXPECT_TRUE(m.adapter->options().rs_lora()) << m.name;
     EXPECT_TRUE(m.adapter->options().dora()) << m.name;
     EXPECT_TRUE(m.adapter->options().rank_dropout_scale()) << m.name;
-    // rs-LoRA: the stored alpha is α·√r so that alpha/r = α/√r (FORMAT.md §4.1)
+    // rs-LoRA: the stored alpha is α·√r so that alpha/r = α/√r (docs/format.md#alpha)
     EXPECT_NEAR(m.adapter->alpha(), 1.0 * std::sqrt(double(m.adapter->rank())), 1e-9) << m.name;
   }
   // multiplier 0 leaves the model's outputs as they were (ΔW scaled by 0; DoRA's scale equals the norm)

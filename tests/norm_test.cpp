@@ -1,4 +1,4 @@
-// Norm adapter: w' = w + m·w_norm, b' = b + m·b_norm on LayerNorm / GroupNorm (FORMAT.md §5.5).
+// Norm adapter: w' = w + m·w_norm, b' = b + m·b_norm on LayerNorm / GroupNorm (docs/format.md#norm).
 #include "adapter_checks.hpp"
 #include "lycoris/error.hpp"
 #include "lycoris/modules/norm.hpp"

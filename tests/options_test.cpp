@@ -1,4 +1,4 @@
-// Construction-time behaviour of every algorithm (TRAINING.md §2, §3, §9): invalid options rejected with an
+// Construction-time behaviour of every algorithm (docs/training.md#initialisation): invalid options rejected with an
 // OptionError naming the option, ignored options warned about, the dropout family (training only; module
 // dropout statistics; rank-dropout masks and their mean rescale), the reference initialisation (ΔW = 0,
 // DoRA magnitude from the host weight, Full's zero diff).
@@ -72,7 +72,7 @@ struct WarningCollector : c10::WarningHandler {
   void process(const c10::SourceLocation&, const std::string& msg, const bool) override { messages.push_back(msg); }
 };
 
-// ---------------------------------------------------------------- invalid options (TRAINING.md §9)
+// ---------------------------------------------------------------- invalid options (docs/training.md#option-checks)
 
 TEST(AdapterOptionErrors, EveryAlgorithmRejectsBadProbabilitiesAndLayers) {
   for (const auto& a : algorithms()) {
@@ -104,7 +104,7 @@ TEST(AdapterOptionErrors, AlgorithmSpecificRejections) {
                       {"dylora", "block_size 4", "rank 6"}, "dylora rank % block_size");
   expect_option_error([] { find_algorithm("dylora").create(kLinear, base_options("dylora").block_size(0)); },
                       {"dylora", "block_size"}, "dylora block_size 0");
-  // BOFT: power2factorization(12, 4) finds nothing (QUIRKS Q22)
+  // BOFT: power2factorization(12, 4) finds nothing (docs/loaders.md#q22-boft-layout)
   expect_option_error([] { find_algorithm("boft").create(LayerSpec::linear(6, 12), base_options("boft").rank(4)); },
                       {"boft", "rank 4", "butterfly"}, "boft layout");
   for (auto algo : {"diag-oft", "boft"}) {
@@ -115,7 +115,7 @@ TEST(AdapterOptionErrors, AlgorithmSpecificRejections) {
     expect_option_error([&] { find_algorithm(algo).create(kLinear, base_options(algo).constraint(-1)); },
                         {algo, "constraint"}, std::string(algo) + " constraint");
   }
-  // Full has no bypass mode (TRAINING.md §4.4: explicit bypass_mode=True is an error)
+  // Full has no bypass mode (docs/training.md#algo-full: explicit bypass_mode=True is an error)
   expect_option_error([] { find_algorithm("full").create(kLinear, base_options("full").bypass_mode(true)); },
                       {"full", "bypass_mode"}, "full bypass");
   // bypass_mode is fine for every other algorithm
@@ -136,7 +136,7 @@ TEST(AdapterOptionErrors, IgnoredOptionsAreWarnedAbout) {
   EXPECT_TRUE(w.messages.empty()) << w.messages.front();
 }
 
-// ---------------------------------------------------------------- initialisation (TRAINING.md §2)
+// ---------------------------------------------------------------- initialisation (docs/training.md#initialisation)
 
 TEST(AdapterInit, EveryAlgorithmStartsAtTheHostWeight) {
   torch::manual_seed(1);
@@ -203,7 +203,7 @@ TEST(AdapterInit, FullStartsWithZeroDiff) {
   }
 }
 
-// ---------------------------------------------------------------- dropout family (TRAINING.md §3)
+// ---------------------------------------------------------------- dropout family (docs/training.md#dropout)
 
 // The same adapter twice: one with every dropout on, one without (same seed → same initialisation).
 std::pair<AdapterPtr, AdapterPtr> twins(const std::string& algo, const LayerSpec& l, AdapterOptions dropouts,
@@ -264,7 +264,7 @@ TEST(AdapterDropout, ModuleDropoutSkipsWithItsProbability) {
   }
 }
 
-// Rebuild-mode "rank dropout" of the low-rank family drops whole output rows of ΔW (QUIRKS Q26), keep iff
+// Rebuild-mode "rank dropout" of the low-rank family drops whole output rows of ΔW (docs/loaders.md#q26-rank-dropout-axis), keep iff
 // u > p; with rank_dropout_scale the kept rows are divided by the mask's mean (kept / O).
 TEST(AdapterDropout, RankDropoutDropsOutputRowsOfTheDelta) {
   torch::manual_seed(14);
@@ -299,7 +299,7 @@ TEST(AdapterDropout, RankDropoutDropsOutputRowsOfTheDelta) {
     }
 }
 
-// All-zero mask with rank_dropout_scale: no 0/0 (QUIRKS Q47), the delta is simply dropped.
+// All-zero mask with rank_dropout_scale: no 0/0 (docs/loaders.md#q47-rank-dropout-zero-mask), the delta is simply dropped.
 TEST(AdapterDropout, RankDropoutScaleGuardsAnEmptyMask) {
   for (auto algo : {"lora", "loha", "lokr", "norm"}) {
     const auto l = host_for(algo);
@@ -355,7 +355,7 @@ TEST(AdapterDropout, LoRABypassDropsRankChannelsAndNeurons) {
 }
 
 // Norm: a channel mask on w_norm and b_norm together (keep iff u > p; the reference's inverted mask is
-// QUIRKS Q25), rescaled by the mean only with rank_dropout_scale.
+// docs/loaders.md#q25-norm-defects), rescaled by the mean only with rank_dropout_scale.
 TEST(AdapterDropout, NormDropsChannelsOfBothDeltas) {
   torch::manual_seed(16);
   const auto l = LayerSpec::layer_norm(16);
@@ -381,7 +381,7 @@ TEST(AdapterDropout, NormDropsChannelsOfBothDeltas) {
   }
 }
 
-// Algorithms without neuron / rank dropout (TRAINING.md §3.4: Full, (IA)^3, BOFT, DyLoRA) train exactly as
+// Algorithms without neuron / rank dropout (docs/training.md#dropout: Full, (IA)^3, BOFT, DyLoRA) train exactly as
 // without them; GLoRA has none in rebuild mode.
 TEST(AdapterDropout, AlgorithmsWithoutDropoutIgnoreIt) {
   for (auto algo : {"full", "ia3", "boft", "dylora", "glora"}) {

@@ -1,4 +1,4 @@
-// Presets and discovery (NETWORK.md §4–§6): the checked examples of §5.2, regex vs fnmatch, exclusions,
+// Presets and discovery (docs/training.md#presets): the checked examples of name matching, regex vs fnmatch, exclusions,
 // per-module/per-name overrides, built-in presets matched on C++ type names, TOML files and their errors,
 // two networks with different presets.
 #include <gtest/gtest.h>
@@ -10,7 +10,7 @@
 
 namespace preset_test {
 
-// blocks.N.attn1.{to_q,to_k} with attn1 of class "Attn" (NETWORK.md §5.2 checked example), plus
+// blocks.N.attn1.{to_q,to_k} with attn1 of class "Attn" (docs/training.md#discovery checked example), plus
 // blocks.N.ff.net.{0,2}, a 3×3 conv_in and a 1×1 proj_out.
 struct AttnImpl : torch::nn::Module {
   AttnImpl() {
@@ -92,7 +92,7 @@ TEST(PresetMatching, TypeNames) {
   EXPECT_EQ(lycoris::module_type_name(CrossAttention()->name()), "CrossAttention");
 }
 
-// NETWORK.md §5.2, checked example: a container target ignores exclude_name/name_algo_map (QUIRKS Q33) with
+// docs/training.md#discovery, checked example: a container target ignores exclude_name/name_algo_map (docs/loaders.md#q33-container-exclusions) with
 // the compatibility switch; by default they apply; with Linear targets they apply either way.
 TEST(PresetDiscovery, CheckedExampleContainerTargets) {
   lycoris::Preset p;
@@ -135,7 +135,7 @@ TEST(PresetDiscovery, CheckedExampleLinearTargets) {
   }
 }
 
-// NETWORK.md §5.3: which dims a layer gets.
+// docs/training.md#which-rank: which dims a layer gets.
 TEST(PresetDiscovery, DimsAndConvRules) {
   auto net = lycoris::create_lycoris(model(), 1.0, 4, 2.0, lycoris::NetworkOptions().conv_dim(2).conv_alpha(1.0));
   EXPECT_EQ(get(net, "lycoris_conv_in").adapter->rank(), 2);       // 3×3: conv dims

@@ -1,4 +1,4 @@
-// Training with every algorithm (TRAINING.md §2–§4): 50 AdamW steps on a small regression task lower the
+// Training with every algorithm (docs/training.md): 50 AdamW steps on a small regression task lower the
 // loss, the host weights stay bit-identical, and DyLoRA's block schedule (§4.9) trains one block per step
 // and can be saved / resized at a chosen rank.
 //
@@ -163,7 +163,7 @@ TEST(AdapterTrainingCoverage, EveryAlgorithmTrains) {
   }
 }
 
-// ---------------------------------------------------------------- DyLoRA block schedule (TRAINING.md §4.9)
+// ---------------------------------------------------------------- DyLoRA block schedule (docs/training.md#dylora-blocks)
 
 std::shared_ptr<DyLoRAImpl> dylora(const LayerSpec& l, int64_t rank, int64_t block_size, double alpha) {
   auto a = std::dynamic_pointer_cast<DyLoRAImpl>(
@@ -262,7 +262,7 @@ TEST(DyLoRASchedule, SavedAtAChosenRankIsTheTrainedSubModel) {
       keys.push_back(k);
     }
     EXPECT_EQ(keys, (std::vector<std::string>{"alpha", "lora_up.weight", "lora_down.weight"}));
-    EXPECT_EQ(t["lora_up.weight"].sizes(), (std::vector<int64_t>{8, R, 1, 1}));  // not 2-D (QUIRKS Q23 fix)
+    EXPECT_EQ(t["lora_up.weight"].sizes(), (std::vector<int64_t>{8, R, 1, 1}));  // not 2-D (docs/loaders.md#q23-dylora fix)
     EXPECT_EQ(t["lora_down.weight"].sizes(), (std::vector<int64_t>{R, 4, 3, 3}));
     EXPECT_EQ(t["alpha"].item<double>(), 3.0);  // raw alpha: alpha / R is the training scale of the sub-model
     auto loaded = load_adapter("lycoris_m", t, l);

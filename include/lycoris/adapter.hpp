@@ -17,7 +17,7 @@ namespace lycoris {
 
 // suffix (e.g. "lora_up.weight") → tensor, for one module of an adapter file.
 using TensorMap = std::map<std::string, torch::Tensor>;
-// Ordered (suffix, tensor) pairs: the order the reference writes a module's keys in (FORMAT.md §6).
+// Ordered (suffix, tensor) pairs: the order the reference writes a module's keys in (docs/format.md#key-order).
 using NamedTensors = std::vector<std::pair<std::string, torch::Tensor>>;
 
 class AdapterImpl : public torch::nn::Module {
@@ -28,7 +28,7 @@ class AdapterImpl : public torch::nn::Module {
   const LayerSpec& layer() const { return layer_; }
   const AdapterOptions& options() const { return options_; }
 
-  // W' = the layer's weight with this adapter applied at multiplier m (FORMAT.md §4.2: W + m·ΔW for
+  // W' = the layer's weight with this adapter applied at multiplier m (docs/format.md#multiplier: W + m·ΔW for
   // additive algorithms; DoRA, (IA)^3, OFT/BOFT as specified). Differentiable in the adapter's
   // parameters; dropouts act only in training mode. Math in fp32 (or wider if W is wider); the result
   // has W's dtype and device.
@@ -40,7 +40,7 @@ class AdapterImpl : public torch::nn::Module {
   // Default: exactly that (materialising).
   virtual torch::Tensor bypass_forward(const torch::Tensor& x, const torch::Tensor& W, const torch::Tensor& b,
                                        double m);
-  // The module's tensors as the reference writes them (suffixes, shapes, key order of FORMAT.md §6;
+  // The module's tensors as the reference writes them (suffixes, shapes, key order of docs/format.md#key-order;
   // use_scalar folded in), detached.
   virtual NamedTensors file_tensors() const = 0;
   // Rank of the low-rank factors (0 when the algorithm has none) and the stored alpha (NaN if none).

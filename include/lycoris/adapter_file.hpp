@@ -1,4 +1,4 @@
-// Adapter files seen as modules: keys "<module>.<suffix>" grouped by module (FORMAT.md §1), and an
+// Adapter files seen as modules: keys "<module>.<suffix>" grouped by module (docs/format.md#module-names), and an
 // adapter file loaded against a base checkpoint (module → base layer, algorithm, adapter).
 #pragma once
 #include <torch/types.h>

@@ -13,7 +13,7 @@ struct Algorithm {
   std::vector<std::string> aliases;  // e.g. "locon" for "lora", "oft" → "diag-oft"
   // Every suffix this algorithm's files may contain (marker first), for unknown-key errors and `info`.
   std::vector<std::string> suffixes;
-  // True when a module's tensors carry this algorithm's marker (FORMAT.md §3; tried in registry order).
+  // True when a module's tensors carry this algorithm's marker (docs/format.md#detection; tried in registry order).
   std::function<bool(const TensorMap&)> detect;
   // Builds the adapter from a file's module tensors; the layout comes from the stored shapes.
   // Throws ShapeError / KeyError naming `module`, the key and the reason.

@@ -1,4 +1,4 @@
-// Module naming (FORMAT.md §2, TOOLS.md §4): one home for every naming rule.
+// Module naming (docs/format.md#module-names, docs/tools.md#checkpoint-layouts): one home for every naming rule.
 //
 // An adapter module name is "<prefix>_<path with . → _>". The mapping path → name is not invertible
 // (`a.b_c` and `a_b.c` collide), so names are resolved the way every reference loader does it: enumerate

@@ -1,4 +1,4 @@
-// A LyCORIS network: the adapters created for one host model (NETWORK.md), trained, saved, loaded,
+// A LyCORIS network: the adapters created for one host model (docs/training.md), trained, saved, loaded,
 // applied and merged without modifying the model's code.
 //
 //   auto net = lycoris::create_lycoris(model, 1.0, 8, 4, lycoris::NetworkOptions()
@@ -10,13 +10,13 @@
 //     opt.step();  opt.zero_grad();
 //     net->on_step();                                  // ONCE PER STEP: per-step state + recompute weights
 //   }
-//   net->save_weights("out.safetensors");              // reference format (FORMAT.md)
+//   net->save_weights("out.safetensors");              // reference format (docs/format.md)
 //   net->restore();                                    // the model is bit-identical to before apply_to
 //
 // REBUILD MODE (default) on unmodified torch::nn layers (Linear, Conv1d/2d/3d, LayerNorm, GroupNorm in any
 // nesting): libtorch layers read their `weight`/`bias` MEMBERS in forward, and register_parameter keeps its
 // own handle. apply_to() sets `layer->weight = W'` (and the bias when the algorithm changes it) where
-// W' = W0 + Σ_networks (apply_weight(W0, m) − W0) (TRAINING.md §6.2: stacked adapters each act on the
+// W' = W0 + Σ_networks (apply_weight(W0, m) − W0) (docs/training.md#stacking: stacked adapters each act on the
 // original weight; one network alone gives exactly apply_weight(W0, m)); the registered parameter W0
 // stays what named_parameters() returns, frozen (requires_grad false while bound) and never written.
 // restore() assigns W0 back: the model is bit-identical (same tensor objects, flags restored).
@@ -85,7 +85,7 @@ struct NetworkModule {
 
 class LycorisNetworkImpl : public torch::nn::Module {
  public:
-  // Discovers the target layers of `model` (NETWORK.md §5) and creates one adapter per layer. Not applied
+  // Discovers the target layers of `model` (docs/training.md#discovery) and creates one adapter per layer. Not applied
   // yet. OptionError on invalid options / unknown algorithm (naming the module and layer).
   LycorisNetworkImpl(std::shared_ptr<torch::nn::Module> model, NetworkOptions options);
   ~LycorisNetworkImpl() override;  // restores the model if still applied
@@ -109,7 +109,7 @@ class LycorisNetworkImpl : public torch::nn::Module {
   bool applied() const { return applied_; }
 
   // Writes every adapter's tensors as "<name>.<suffix>" in discovery order and the reference's key order
-  // (FORMAT.md §6). Floating tensors are cast to `dtype` (integer flags such as on_input keep theirs).
+  // (docs/format.md#key-order). Floating tensors are cast to `dtype` (integer flags such as on_input keep theirs).
   // Metadata: the given entries plus lycoris_version, lycoris_reference_version, lycoris_algo,
   // lycoris_preset and lycoris_options (JSON of the network options); given entries win.
   void save_weights(const std::string& path, torch::Dtype dtype = torch::kFloat,
@@ -141,7 +141,7 @@ class LycorisNetworkImpl : public torch::nn::Module {
 };
 TORCH_MODULE(LycorisNetwork);
 
-// NETWORK.md §1 with C++ values: the positional arguments override the same fields of `opts`.
+// docs/training.md#create-lycoris with C++ values: the positional arguments override the same fields of `opts`.
 LycorisNetwork create_lycoris(std::shared_ptr<torch::nn::Module> model, double multiplier = 1.0,
                               int64_t linear_dim = 4, double linear_alpha = 1.0, NetworkOptions opts = {});
 template <typename ModuleType>
@@ -150,7 +150,7 @@ LycorisNetwork create_lycoris(const torch::nn::ModuleHolder<ModuleType>& model, 
   return create_lycoris(model.ptr(), multiplier, linear_dim, linear_alpha, std::move(opts));
 }
 
-// NETWORK.md §7: binds every module of `file` to the layer named "<prefix>_<path>" (prefix = the preset's
+// docs/training.md#loading: binds every module of `file` to the layer named "<prefix>_<path>" (prefix = the preset's
 // lora_prefix, then the other known prefixes), detects its algorithm and loads it with the real LayerSpec of
 // the torch layer (stride/padding/dilation/groups/eps/bias). File modules matching no layer are listed in
 // warnings(); a module whose shapes do not fit its layer is a ShapeError naming the module and the layer;

@@ -43,7 +43,7 @@ torch::Tensor bypass_diff(const torch::Tensor& x, const LayerSpec& layer, const 
     h = host_op(xc, layer, to_compute(w.down, x));
   }
   if (rank_mask.defined()) {
-    // rank channels: last axis for Linear, channel axis for convs (fixes the reference's axis, Q26)
+    // rank channels: last axis for Linear, channel axis for convs (fixes the reference's axis, docs/loaders.md#q26-rank-dropout-axis)
     std::vector<int64_t> shape(static_cast<size_t>(h.dim()), 1);
     const int64_t axis = layer.is_conv() ? h.dim() - 1 - static_cast<int64_t>(layer.kernel.size()) : h.dim() - 1;
     shape[static_cast<size_t>(axis)] = rank_mask.numel();

@@ -14,7 +14,7 @@ namespace lycoris {
 
 namespace fn = functional;
 
-// init_weights throws OptionError when no butterfly layout exists (QUIRKS Q22)
+// init_weights throws OptionError when no butterfly layout exists (docs/loaders.md#q22-boft-layout)
 BOFTImpl::BOFTImpl(const LayerSpec& layer, const AdapterOptions& options)
     : OFTAdapter("boft", layer, options,
                  [&] { return fn::boft::init_weights(layer, options.rank(), options.rescaled()); }) {}

@@ -17,7 +17,7 @@ namespace lycoris {
 namespace {
 
 // The options (besides rank, alpha and module_dropout, which the network passes to every module) each
-// algorithm reads (TRAINING.md §3.4, §4, §9).
+// algorithm reads (docs/training.md#dropout).
 const std::vector<std::string>& used_options(const std::string& algo) {
   static const std::vector<std::string> low_rank = {"tucker",  "use_scalar",   "dora",
                                                     "rs_lora", "dropout",      "rank_dropout",
@@ -100,7 +100,7 @@ void check_options(const std::string& algo, const LayerSpec& layer, const Adapte
                          {"module_dropout", o.module_dropout()}})
     if (!(p >= 0.0 && p <= 1.0)) throw OptionError(who + name + " must be in [0, 1], got " + std::to_string(p));
   if (algo == "full" && o.bypass_mode())
-    throw OptionError(who + "bypass_mode is not available for full (it trains the weight itself, TRAINING.md §4.4)");
+    throw OptionError(who + "bypass_mode is not available for full (it trains the weight itself, docs/training.md#algo-full)");
   const auto& used = used_options(algo);
   for (const auto& name : non_default_options(o))
     if (std::find(used.begin(), used.end(), name) == used.end())

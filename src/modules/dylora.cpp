@@ -16,7 +16,7 @@ DyLoRAImpl::DyLoRAImpl(LayerSpec layer, AdapterOptions options)
   if (options_.block_size() < 1 || options_.rank() % options_.block_size() != 0)
     throw OptionError("dylora on " + layer_.describe() + ": rank " + std::to_string(options_.rank()) +
                       " is not a multiple of block_size " + std::to_string(options_.block_size()));
-  // DyLoRA has no Tucker, DoRA, scalar nor neuron / rank dropout (TRAINING.md §3.4, §9)
+  // DyLoRA has no Tucker, DoRA, scalar nor neuron / rank dropout (docs/training.md#dropout)
   options_.tucker(false).dora(false).use_scalar(false).dropout(0).rank_dropout(0);
   block_size_ = options_.block_size();
   alpha_ = options_.alpha() == 0 ? static_cast<double>(options_.rank()) : options_.alpha();  // raw alpha
@@ -61,7 +61,7 @@ NamedTensors DyLoRAImpl::file_tensors(int64_t r) const {
   if (r < 1 || r > rank() || r % block_size_ != 0)
     throw OptionError("dylora: cannot save at rank " + std::to_string(r) + " (full rank " + std::to_string(rank()) +
                       ", block size " + std::to_string(block_size_) + ")");
-  // conv lora_up written (O, r, 1, …) — loadable by every LoRA reader (QUIRKS Q23 fix)
+  // conv lora_up written (O, r, 1, …) — loadable by every LoRA reader (docs/loaders.md#q23-dylora fix)
   return {{"alpha", torch::scalar_tensor(alpha_, torch::kFloat32)},
           {"lora_up.weight", lora_up.slice(1, 0, r).detach()},
           {"lora_down.weight", lora_down.slice(0, 0, r).detach()}};
@@ -73,7 +73,7 @@ Algorithm dylora_algorithm() {
   Algorithm a;
   a.name = "dylora";
   a.suffixes = {"lora_up.weight", "lora_down.weight", "alpha"};
-  a.detect = nullptr;  // never detected: DyLoRA files are LoRA files (FORMAT.md §3)
+  a.detect = nullptr;  // never detected: DyLoRA files are LoRA files (docs/format.md#detection)
   a.load = [](const std::string& module, const TensorMap& t, const LayerSpec& layer) -> AdapterPtr {
     F::expect_keys(t, {"lora_up.weight", "lora_down.weight", "alpha"}, module, "dylora");
     auto f = read_lora_file(module, t, layer);

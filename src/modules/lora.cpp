@@ -58,7 +58,7 @@ LoRAFile read_lora_file(const std::string& module, const TensorMap& t, const Lay
   } else {
     F::expect_shape(down, with_kernel({r, I}, false), module, "lora_down.weight", "for " + layer.describe());
   }
-  // conv up: (O, r, 1, …) or the 2-D (O, r) DyLoRA writes (QUIRKS Q23)
+  // conv up: (O, r, 1, …) or the 2-D (O, r) DyLoRA writes (docs/loaders.md#q23-dylora)
   if (!(layer.is_conv() && up.sizes() == torch::IntArrayRef{O, r}))
     F::expect_shape(up, with_kernel({O, r}, true), module, "lora_up.weight",
                     "rank " + std::to_string(r) + " from lora_down.weight, " + layer.describe());
@@ -159,7 +159,7 @@ torch::Tensor LowRankAdapter::apply_weight(const torch::Tensor& W, double m) {
 torch::Tensor LowRankAdapter::bypass_forward(const torch::Tensor& x, const torch::Tensor& W, const torch::Tensor& b,
                                              double m) {
   if (F::module_dropped(options_.module_dropout(), is_training())) return layer_forward(x, layer_, W, b);
-  // DoRA needs the norms of W + ΔW: materialise (bypass = rebuild, fixing QUIRKS Q7)
+  // DoRA needs the norms of W + ΔW: materialise (bypass = rebuild, fixing docs/loaders.md#q7-dora-ignored-in-bypass)
   if (dora_scale.defined()) return layer_forward(x, layer_, merged(W, m), b);
   auto delta = raw_bypass(x, m);
   if (!delta.defined()) delta = F::host_op(x, layer_, (diff_weight() * m).to(x.scalar_type()));
@@ -207,7 +207,7 @@ torch::Tensor LoRAImpl::raw_diff() {
 }
 
 torch::Tensor LoRAImpl::raw_bypass(const torch::Tensor& x, double m) {
-  // rank_dropout in bypass drops rank channels (TRAINING.md §4.1)
+  // rank_dropout in bypass drops rank channels (docs/training.md#dropout)
   torch::Tensor mask;
   if (is_training() && options_.rank_dropout() > 0)
     mask = F::keep_mask(rank(), options_.rank_dropout(), options_.rank_dropout_scale(), lora_up.options());

@@ -14,7 +14,7 @@ namespace lycoris {
 namespace fn = functional;
 
 NormImpl::NormImpl(const LayerSpec& layer, const AdapterOptions& options) : AdapterImpl("norm", layer, options) {
-  // the reference marks a non-norm host "unsupported" and does nothing; rejecting it is clearer (TRAINING.md §9)
+  // the reference marks a non-norm host "unsupported" and does nothing; rejecting it is clearer (docs/training.md#option-checks)
   check_options("norm", layer_, options_, Hosts::Norms, /*needs_rank=*/false);
   auto init = fn::norm::init_weights(layer);
   w_norm = register_parameter("w_norm", init.first);

@@ -1,4 +1,4 @@
-// Key tables between checkpoint layouts (TOOLS.md §4.2), generated from the models' block structure:
+// Key tables between checkpoint layouts (docs/tools.md#checkpoint-layouts), generated from the models' block structure:
 // diffusers U-Net ↔ ldm/SGM U-Net, OpenCLIP ↔ HF CLIP; and the underscore → dot path guess.
 #include <algorithm>
 #include <cctype>
@@ -120,7 +120,7 @@ const UNetTable* unet_table_for(const std::vector<std::string>& paths, bool ldm)
   return best;
 }
 
-// ---- OpenCLIP ↔ HF CLIP (per resblock N; TOOLS.md §4.2)
+// ---- OpenCLIP ↔ HF CLIP (per resblock N; docs/tools.md#checkpoint-layouts)
 
 namespace {
 const std::vector<std::pair<const char*, const char*>>& clip_block_parts() {

@@ -1,4 +1,4 @@
-// Rebuild-mode binding of adapters into unmodified torch layers (network.hpp, TRAINING.md §6.2).
+// Rebuild-mode binding of adapters into unmodified torch layers (network.hpp, docs/training.md#stacking).
 //
 // Each bound layer has one Binding: its original parameters W0/b0 (the registered ones, frozen while
 // bound) and the ordered list of attached adapters (one per network). The layer's `weight` member is set to

@@ -1,4 +1,4 @@
-// Module discovery and naming of the generic network (NETWORK.md §5): which layers get which adapter.
+// Module discovery and naming of the generic network (docs/training.md#discovery): which layers get which adapter.
 #include <torch/torch.h>
 
 #include <set>
@@ -175,7 +175,7 @@ class Discovery {
           continue;
         }
       }
-      if (!p_.container_quirk && !sub.empty()) {  // QUIRKS Q33 fixed: exclusions and name overrides apply inside
+      if (!p_.container_quirk && !sub.empty()) {  // docs/loaders.md#q33-container-exclusions fixed: exclusions and name overrides apply inside
         if (excluded(path)) continue;
         if (const auto* e = name_entry(path)) {
           create_single(path, layer, e->algo().empty() ? algo : e->algo(), *e);

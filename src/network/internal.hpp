@@ -8,7 +8,7 @@
 
 namespace lycoris::detail {
 
-// NETWORK.md §5.2: the adapters a network creates for `model` (discovery order = file key order).
+// docs/training.md#discovery: the adapters a network creates for `model` (discovery order = file key order).
 // Non-fatal problems (skipped unsupported norm layers) are appended to `warnings`.
 std::vector<NetworkModule> discover(const std::shared_ptr<torch::nn::Module>& model, const NetworkOptions& options,
                                     std::vector<std::string>& warnings);

@@ -1,4 +1,4 @@
-// LycorisNetwork: create, apply/restore/merge, save, and rebuild from a file (network.hpp, NETWORK.md).
+// LycorisNetwork: create, apply/restore/merge, save, and rebuild from a file (network.hpp, docs/training.md).
 #include "lycoris/network.hpp"
 
 #include <torch/torch.h>
@@ -233,7 +233,7 @@ LycorisNetwork create_lycoris_from_weights(std::shared_ptr<torch::nn::Module> mo
   if (!model) throw OptionError("create_lycoris_from_weights: no model");
   auto f = io::SafetensorsFile::open(file);
   auto groups = group_modules(f);
-  // module names in order of first appearance in the file (NETWORK.md §7)
+  // module names in order of first appearance in the file (docs/training.md#loading)
   std::vector<std::string> order;
   {
     std::set<std::string> seen;

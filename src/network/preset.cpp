@@ -1,4 +1,5 @@
-// Presets: built-ins (NETWORK.md §4.1), TOML files (§4.2), per-module overrides (§6), name matching (§5.1).
+// Presets: built-ins (docs/training.md#builtin-presets), TOML files (#toml-presets), per-module overrides
+// (#overrides), name matching (#name-patterns).
 #include "lycoris/preset.hpp"
 
 #include <fnmatch.h>
@@ -68,7 +69,7 @@ double as_real(const OptionValue& v) {
 #define LYCORIS_REAL_KEY(field) \
   OptionKey { Kind::Real, [](AdapterOptions& o, const OptionValue& v) { o.field(as_real(v)); } }
 
-// Reference spelling first (NETWORK.md §6), then aliases.
+// Reference spelling first (docs/training.md#overrides), then aliases.
 const std::map<std::string, OptionKey>& option_keys() {
   static const std::map<std::string, OptionKey> keys = {
       {"algo", {Kind::String, nullptr}},
@@ -258,7 +259,7 @@ Preset Preset::builtin(const std::string& name) {
     p.enable_conv = false;
     p.unet_target_name = {"to_k", "to_v", "ff.net.2"};
     p.text_encoder_target_name = {"k_proj", "v_proj", "mlp.fc2"};
-    // anywhere in the model (the reference's anchored short names match nothing, QUIRKS Q10)
+    // anywhere in the model (the reference's anchored short names match nothing, docs/loaders.md#q10-ia3-unreachable)
     p.target_module = {};
     p.target_name = {R"(.*\bto_k$)", R"(.*\bto_v$)", R"(.*\bk_proj$)", R"(.*\bv_proj$)"};
     p.name_algo_map = {{R"(.*\bff\.net\.2$)", ModuleOverride{{"train_on_input", true}}},

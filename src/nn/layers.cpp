@@ -25,7 +25,7 @@ torch::Tensor BypassHost::forward_bypass(const torch::Tensor& x, const torch::Te
     const auto& a = attachments_.front();
     return a.adapter->bypass_forward(x, W, b, *a.multiplier);
   }
-  // stacked adapters each act on the layer's own output (TRAINING.md §6.2): y = org(x) + Σ (y_i − org(x))
+  // stacked adapters each act on the layer's own output (docs/training.md#stacking): y = org(x) + Σ (y_i − org(x))
   auto y = base();
   auto out = y;
   for (const auto& a : attachments_) out = out + (a.adapter->bypass_forward(x, W, b, *a.multiplier) - y);

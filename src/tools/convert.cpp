@@ -171,7 +171,7 @@ PeftConfig read_peft_config(const std::string& adapter_path) {
 }
 
 // LyCORIS scale of a module: alpha / rank (rank from the stored shapes); 1 without alpha or rank
-// (LoKr with both factors full ignores alpha, FORMAT.md §4.1).
+// (LoKr with both factors full ignores alpha, docs/format.md#alpha).
 double lycoris_scale(const Algorithm& algo, const std::string& name, const TensorMap& t) {
   const int64_t r = algo.rank ? algo.rank(t) : 0;
   auto it = t.find("alpha");
@@ -448,7 +448,7 @@ ConvertReport convert(const std::string& input, const std::string& output, const
       if (suffix == "lora_down.weight") key = "lora_A.weight";
       if (suffix == "lora_up.weight") {
         key = "lora_B.weight";
-        if (down.dim() > 2 && t.dim() == 2) {  // DyLoRA's 2-D conv lora_up (Q23) → (O, r, 1, …)
+        if (down.dim() > 2 && t.dim() == 2) {  // DyLoRA's 2-D conv lora_up (docs/loaders.md#q23-dylora) → (O, r, 1, …)
           std::vector<int64_t> shape = t.sizes().vec();
           shape.resize(static_cast<size_t>(down.dim()), 1);
           t = t.reshape(shape);

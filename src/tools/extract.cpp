@@ -92,7 +92,7 @@ torch::Tensor linear_quantile(const torch::Tensor& x, double q) {
   return v_lo + (v_hi - v_lo) * frac;
 }
 
-// Sparse residual (FORMAT.md §5.1.1): entries with |E| ≥ the sparsity quantile of |E|, as COO.
+// Sparse residual (docs/format.md#sparse-bias): entries with |E| ≥ the sparsity quantile of |E|, as COO.
 void add_sparse_bias(NamedTensors& out, const torch::Tensor& E, double sparsity, std::string& note) {
   auto abs = E.abs();
   auto mask = (abs >= linear_quantile(abs, sparsity)) & (E != 0);
@@ -286,7 +286,7 @@ LayerFit fit_locon(const torch::Tensor& D_, int64_t rank, const ExtractOptions& 
                    {"lora_up.weight", up_shaped(up, D)},
                    {"lora_down.weight", with_kernel(down, rank, I, kernel)}};
   }
-  // Residual of the stored low-rank part (for Tucker the reference used W_tuned − rebuild, QUIRKS Q41).
+  // Residual of the stored low-rank part (for Tucker the reference used W_tuned − rebuild, docs/loaders.md#q41-extraction).
   if (o.sparse_bias) add_sparse_bias(fit.tensors, M - approx, o.sparsity, fit.note);
   return fit;
 }
@@ -474,7 +474,7 @@ void validate(const ExtractOptions& o) {
     validate(RankRule{o.mode, o.conv_param}, "conv " + std::string(to_string(o.mode)));
   }
   if (o.sparse_bias && o.algo != ExtractAlgo::LoCon)
-    throw OptionError("--use-sparse-bias: only LoCon files can carry a sparse bias (FORMAT.md §5.1.1)");
+    throw OptionError("--use-sparse-bias: only LoCon files can carry a sparse bias (docs/format.md#sparse-bias)");
   if (std::isnan(o.sparsity) || o.sparsity < 0 || o.sparsity > 1)
     throw OptionError("--sparsity: " + std::to_string(o.sparsity) + " is outside [0, 1]");
   if (!torch::isFloatingType(o.dtype)) throw OptionError("extract: the output dtype must be a floating-point type");

@@ -166,7 +166,7 @@ class Reader {
 //   LoRA    W[r0:r1] += c · up[r0:r1] · down                      (one addmm)
 //   LoHa    W[r0:r1] += c · (w1a[r0:r1]·w1b) ⊙ (w2a[r0:r1]·w2b)   (two small mm, one addcmul)
 //   LoKr    W viewed (a, p, c, q·k): W[u0:u1] += c · W1[u0:u1, None, :, None] · W2[None, :, None, :]
-//           c = m·s, or s with DoRA (FORMAT.md §4.3: ΔW at multiplier 1)
+//           c = m·s, or s with DoRA (docs/format.md#dora: ΔW at multiplier 1)
 //   DoRA, norm per output row:   V = W + ΔW, then V[r] ⊙= g'(r) — the rows of a chunk are whole, one pass
 //   DoRA, norm per input column: V = W + ΔW, then V[:, i] ⊙= g'(i) — ‖V[:, i]‖ spans every row, so the
 //           caller first runs a pass summing V² per column (set_column_sums), then `scale` applies g'
@@ -268,7 +268,7 @@ std::optional<RowKernel> delta_kernel(LowRankAdapter& lr, double m, const torch:
   return std::nullopt;
 }
 
-// W ← (W + ΔW) ⊙ g' (FORMAT.md §4.3), the axis from dora_scale's shape.
+// W ← (W + ΔW) ⊙ g' (docs/format.md#dora), the axis from dora_scale's shape.
 std::optional<RowKernel> dora_kernel(LowRankAdapter& lr, double m, const torch::TensorOptions& opts,
                                      torch::IntArrayRef shape) {
   auto k = delta_kernel(lr, 1.0, opts, shape);
@@ -294,7 +294,7 @@ std::optional<RowKernel> dora_kernel(LowRankAdapter& lr, double m, const torch::
   return k;
 }
 
-// W ⊙= 1 + m·v along the output rows or the input columns (FORMAT.md §5.6); the same fp32 ops as
+// W ⊙= 1 + m·v along the output rows or the input columns (docs/format.md#ia3); the same fp32 ops as
 // functional::ia3::apply_weight.
 RowKernel ia3_kernel(const IA3Impl& a, double m, const torch::TensorOptions& opts, torch::IntArrayRef shape) {
   const auto f = a.weight.detach().to(opts).reshape({-1}) * m + 1;

@@ -1,6 +1,6 @@
-// BOFT (FORMAT.md §5.9): M = log2(N) + 1 butterfly stages of N blocks of size S (N·S = O). Stage i,
+// BOFT (docs/format.md#boft): M = log2(N) + 1 butterfly stages of N blocks of size S (N·S = O). Stage i,
 // with h = 2^i·S/2, interleaves the two halves of every group of 2h output rows (offset g·h + j → 2j + g),
-// applies blockdiag(G_i,0 … G_i,N−1) UN-transposed (QUIRKS Q16), and undoes the interleave:
+// applies blockdiag(G_i,0 … G_i,N−1) UN-transposed (docs/loaders.md#q16-oft-rotation-direction), and undoes the interleave:
 //   X ← P_iᵀ · blockdiag(G_i) · P_i · X,   X₀ = W,   G = m·R + (1 − m)·I,   then X[o] *= rescale[o].
 // The bias is never rotated.
 #pragma once
@@ -13,7 +13,7 @@
 
 namespace lycoris::functional::boft {
 
-// (S, N) = power2factorization(O, rank) for a fresh adapter, or nullopt (QUIRKS Q22).
+// (S, N) = power2factorization(O, rank) for a fresh adapter, or nullopt (docs/loaders.md#q22-boft-layout).
 std::optional<std::pair<int64_t, int64_t>> block_layout(int64_t out_features, int64_t rank);
 // Rows X (O, …) through every stage with the matrices G (M, N, S, S).
 torch::Tensor butterfly_rows(const torch::Tensor& X, const torch::Tensor& G);

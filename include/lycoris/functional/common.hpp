@@ -12,7 +12,7 @@
 namespace lycoris::functional {
 
 // The single value of a 0-dim or shape-(1,) numeric tensor (any dtype: fp16/bf16/fp32/int64 …), read
-// at the full precision of its stored dtype (FORMAT.md §4.1). ShapeError naming `module.key` otherwise.
+// at the full precision of its stored dtype (docs/format.md#alpha). ShapeError naming `module.key` otherwise.
 double scalar_value(const torch::Tensor& t, const std::string& module, const std::string& key);
 // The tensor stored under `key`, or KeyError "<module>: missing key '<key>' (has: …)".
 const torch::Tensor& require(const TensorMap& tensors, const std::string& key, const std::string& module);
@@ -43,13 +43,13 @@ torch::Tensor pointwise_op(const torch::Tensor& x, const LayerSpec& layer, const
 // A 2-D matrix (out, in) viewed as a weight of `ndim` dims with trailing singleton axes: (out, in, 1, …).
 torch::Tensor with_unit_kernel(const torch::Tensor& w2d, int64_t ndim);
 
-// --- training-time dropouts (TRAINING.md §3) ---
+// --- training-time dropouts (docs/training.md#dropout) ---
 // True when module dropout skips the adapter for this call: training and one uniform u < p.
 bool module_dropped(double module_dropout, bool training);
 // 0/1 keep mask of n entries, keep iff u > p (u uniform per entry); with `rescale` divided by its mean
-// (an all-zero mask stays zero instead of becoming 0/0, QUIRKS Q47).
+// (an all-zero mask stays zero instead of becoming 0/0, docs/loaders.md#q47-rank-dropout-zero-mask).
 torch::Tensor keep_mask(int64_t n, double p, bool rescale, const torch::TensorOptions& options);
-// ΔW with whole output rows dropped (the reference's rebuild-mode "rank dropout", QUIRKS Q26).
+// ΔW with whole output rows dropped (the reference's rebuild-mode "rank dropout", docs/loaders.md#q26-rank-dropout-axis).
 torch::Tensor drop_rows(const torch::Tensor& dw, double p, bool rescale);
 
 }  // namespace lycoris::functional
@@ -61,7 +61,7 @@ namespace lycoris::functional {
 void expect_keys(const TensorMap& tensors, const std::vector<std::string>& allowed, const std::string& module,
                  const std::string& algo);
 // Empty when an additive weight algorithm can wrap the layer (Linear or Conv1d/2d/3d with groups 1 and a
-// non-empty weight), otherwise the reason (grouped convs are rejected, QUIRKS Q45).
+// non-empty weight), otherwise the reason (grouped convs are rejected, docs/loaders.md#q45-grouped-dilated-padded-convs).
 std::string unsupported_layer(const LayerSpec& layer);
 // Empty when every dimension of the layer's weight is at least 1, otherwise the reason ("Linear(8, 0) has an
 // empty weight [0, 8]"): there is nothing to adapt (a base tensor with a zero dimension).

@@ -1,6 +1,6 @@
-// Diag-OFT (FORMAT.md §5.8): N blocks of size S over the output rows (N·S = O), each rotated by the
-// TRANSPOSE of its interpolated Cayley rotation (QUIRKS Q16), then the optional per-row rescale:
-//   W'_n = M_nᵀ · W_n,  M_n = m·R_n + (1 − m)·I,  W'[o] *= rescale[o] (not interpolated, QUIRKS Q19)
+// Diag-OFT (docs/format.md#diag-oft): N blocks of size S over the output rows (N·S = O), each rotated by the
+// TRANSPOSE of its interpolated Cayley rotation (docs/loaders.md#q16-oft-rotation-direction), then the optional per-row rescale:
+//   W'_n = M_nᵀ · W_n,  M_n = m·R_n + (1 − m)·I,  W'[o] *= rescale[o] (not interpolated, docs/loaders.md#q19-rescale-ignores-multiplier)
 // The bias is never rotated.
 #pragma once
 #include <torch/types.h>
@@ -12,7 +12,7 @@
 
 namespace lycoris::functional::diag_oft {
 
-// (S, N) for a fresh adapter: (S, N) = factorization(O, rank), S the smaller factor (QUIRKS Q17).
+// (S, N) for a fresh adapter: (S, N) = factorization(O, rank), S the smaller factor (docs/loaders.md#q17-diag-oft-block-size).
 std::pair<int64_t, int64_t> block_layout(int64_t out_features, int64_t rank);
 // Rows X (O, …) rotated block-wise by Mᵀ: X'[n·S + a] = Σ_b M_n[b, a]·X[n·S + b]. M is (N, S, S).
 torch::Tensor rotate_rows(const torch::Tensor& X, const torch::Tensor& M);

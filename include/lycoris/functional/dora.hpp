@@ -1,4 +1,4 @@
-// DoRA weight decomposition (FORMAT.md §4.3), shared by LoRA, LoHa and LoKr.
+// DoRA weight decomposition (docs/format.md#dora), shared by LoRA, LoHa and LoKr.
 //   V = W + ΔW (ΔW at multiplier 1), g = dora_scale / (‖V‖ + ε), g ← m·(g − 1) + 1 when m ≠ 1, W' = V ⊙ g
 // with ‖·‖ per output row (dora_scale (O, 1, …, 1)) or per input column (dora_scale (1, I, 1, …, 1)),
 // ε the machine epsilon of the working dtype (fp32, or fp64 for fp64 weights).

@@ -1,4 +1,4 @@
-// The factorisation helpers of the reference (TRAINING.md §7), used to choose layouts when CREATING
+// The factorisation helpers of the reference (docs/training.md#factorization), used to choose layouts when CREATING
 // adapters (LoKr splits, Diag-OFT and BOFT blocks). Never used to read files: layouts come from shapes.
 #pragma once
 #include <cstdint>
@@ -7,12 +7,12 @@
 
 namespace lycoris::functional {
 
-// (m, n) with m ≤ n, m·n = dim (TRAINING.md §7.1). factor > 0 dividing dim wins immediately; factor < 0
+// (m, n) with m ≤ n, m·n = dim (docs/training.md#factorization). factor > 0 dividing dim wins immediately; factor < 0
 // means no bound; otherwise walk the divisors upward while the smaller one stays ≤ factor.
 std::pair<int64_t, int64_t> factorization(int64_t dim, int64_t factor = -1);
 
 // (dim / n, n) for the largest even divisor m ≤ factor of dim with n = dim / m a power of two
-// (TRAINING.md §7.2); nullopt when there is none (the reference returns (None, 0)). factor = -1 means
+// (docs/training.md#power2factorization); nullopt when there is none (the reference returns (None, 0)). factor = -1 means
 // no bound; any other negative factor finds nothing.
 std::optional<std::pair<int64_t, int64_t>> power2factorization(int64_t dim, int64_t factor = -1);
 

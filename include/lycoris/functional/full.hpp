@@ -1,4 +1,4 @@
-// Full / native fine-tuning (FORMAT.md §5.4): the file stores ΔW itself.
+// Full / native fine-tuning (docs/format.md#full): the file stores ΔW itself.
 //   W' = W + m·diff,  b' = b + m·diff_b
 #pragma once
 #include <torch/types.h>

@@ -1,7 +1,7 @@
 // GLoKr, the generalized Kronecker adapter (docs/glokr.md), as pure tensor math. For a host weight W of
 // shape (O, I, *K):
 //   A = A1 ⊗ A2 (I × I), (p, q) = factorization(I, factor), A1 (p, p), A2 (q, q) or A2a (q, r)·A2b (r, q);
-//   B = B1 ⊗ B2 laid out exactly like a LoKr ΔW of the layer (FORMAT.md §5.3);
+//   B = B1 ⊗ B2 laid out exactly like a LoKr ΔW of the layer (docs/format.md#lokr);
 //   ΔW = s · (W ×_in A + B),  (W ×_in A)[o, j, κ] = Σ_i W[o, i, κ] · A[i, j].
 // Both parts reuse functional::lokr: A is a LoKr "delta" of the Linear I → I map (channel_spec), B the
 // LoKr delta of the host layer. Any device, any float dtype: math in compute_dtype, result in W's dtype.

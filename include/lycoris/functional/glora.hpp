@@ -1,4 +1,4 @@
-// GLoRA (FORMAT.md §5.7, TRAINING.md §4.7). With s = alpha / r, r = a2.shape[0]:
+// GLoRA (docs/format.md#glora, docs/training.md#algo-glora). With s = alpha / r, r = a2.shape[0]:
 //   A = flat(a1)·flat(a2) (I×I),  B = reshape(flat(b1)·flat(b2), W.shape)
 //   ΔW = s · (W·A + B)   where (W·A)[o, j, κ] = Σ_i W[o, i, κ]·A[i, j]      W' = W + m·ΔW
 // ΔW depends on the host weight W it is applied to.
@@ -18,10 +18,10 @@ struct Weights {
   torch::Tensor b2;  // (r, I[, *K])
 };
 
-// Training-time dropouts of the bypass path (TRAINING.md §4.7), all 0 outside training.
+// Training-time dropouts of the bypass path (docs/training.md#dropout), all 0 outside training.
 struct BypassDropout {
   double dropout = 0;       // inverted dropout on the outputs of a1 and b1
-  double rank_dropout = 0;  // rank channels of a2(x) and b2(x), keep iff u > p (QUIRKS Q15 fixed)
+  double rank_dropout = 0;  // rank channels of a2(x) and b2(x), keep iff u > p (docs/loaders.md#q15-glora-rank-dropout-inverted fixed)
   bool rank_dropout_scale = false;
 };
 
@@ -35,7 +35,7 @@ std::vector<int64_t> b2_shape(const LayerSpec& layer, int64_t r);
 torch::Tensor diff_weight(const torch::Tensor& W, const Weights& w, double s);
 // W + m·ΔW.
 torch::Tensor apply_weight(const torch::Tensor& W, const Weights& w, double s, double m);
-// ΔW·x without building ΔW: m·s·( op(a1(a2(x)), W) + b1(op(x, b2)) ), s applied once (QUIRKS Q13),
+// ΔW·x without building ΔW: m·s·( op(a1(a2(x)), W) + b1(op(x, b2)) ), s applied once (docs/loaders.md#q13-glora-bypass-double-scale),
 // op = the host's linear/conv (stride, padding, dilation), a1/a2/b1 pointwise.
 torch::Tensor bypass_diff(const torch::Tensor& x, const LayerSpec& layer, const torch::Tensor& W, const Weights& w,
                           double s, double m, const BypassDropout& drop = {});

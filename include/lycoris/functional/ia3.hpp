@@ -1,6 +1,6 @@
-// (IA)^3 (FORMAT.md §5.6): a learned vector v scales the output rows (on_input = 0) or the input
+// (IA)^3 (docs/format.md#ia3): a learned vector v scales the output rows (on_input = 0) or the input
 // columns (on_input = 1) of W:  W' = W ⊙ (1 + m·v)  along that axis. The bias is never scaled (canonical
-// rebuild semantics, also in bypass: QUIRKS Q11).
+// rebuild semantics, also in bypass: docs/loaders.md#q11-ia3-bypass-scales-bias).
 #pragma once
 #include <torch/types.h>
 

@@ -1,4 +1,4 @@
-// LoHa (FORMAT.md §5.2) as pure tensor math.
+// LoHa (docs/format.md#loha) as pure tensor math.
 //   ΔW = s · reshape((w1a·w1b) ⊙ (w2a·w2b), W.shape)                                    (no Tucker)
 //   R_n[o, c, κ] = Σ_{i,j} t_n[i, j, κ] · wNa[i, o] · wNb[j, c],  ΔW = s · R_1 ⊙ R_2       (Tucker, convs)
 // Any device, any float dtype: math in functional::compute_dtype, result in the inputs' dtype.
@@ -24,7 +24,7 @@ lora::Weights as_lora(const LayerSpec& layer, const Weights& w);
 torch::Tensor bypass_diff(const torch::Tensor& x, const LayerSpec& layer, const Weights& w, double scale);
 // True when the rank-r² path costs fewer multiply-adds per output position than ΔW·x with ΔW built.
 bool bypass_is_cheaper(const LayerSpec& layer, const Weights& w);
-// Reference initialisation (TRAINING.md §2): w1a N(0, 0.1), w1b N(0, 1), w2a 0 (N(0, 0.1) with
+// Reference initialisation (docs/training.md#initialisation): w1a N(0, 0.1), w1b N(0, 1), w2a 0 (N(0, 0.1) with
 // use_scalar), w2b N(0, 1), t1/t2 N(0, 0.1).
 Weights init_weights(const LayerSpec& layer, int64_t rank, bool tucker, bool use_scalar,
                      const torch::TensorOptions& options = {});

@@ -1,4 +1,4 @@
-// LoKr (FORMAT.md §5.3) as pure tensor math: ΔW = s · (W1 ⊗ W2) reshaped to W.shape, with
+// LoKr (docs/format.md#lokr) as pure tensor math: ΔW = s · (W1 ⊗ W2) reshaped to W.shape, with
 //   W1 (a, c) = lokr_w1 or lokr_w1_a·lokr_w1_b,
 //   W2 (p, q, *K) = lokr_w2, or lokr_w2_a·lokr_w2_b (reshaped for convs), or the Tucker form
 //   W2[x, y, κ] = Σ_{i,j} t2[i, j, κ] · w2_a[i, x] · w2_b[j, y];   O = a·p, I = c·q.
@@ -17,7 +17,7 @@ struct Weights {
   torch::Tensor w1, w1a, w1b, w2, w2a, w2b, t2;
 };
 
-// The layout a writer chooses (FORMAT.md §5.3 "How the writer chooses the layout").
+// The layout a writer chooses (docs/format.md#lokr-layout "How the writer chooses the layout").
 struct Layout {
   int64_t a = 1, c = 1, p = 1, q = 1;  // W1 (a, c), W2 (p, q, *K)
   bool w1_low_rank = false;            // lokr_w1_a/_b instead of lokr_w1
@@ -39,7 +39,7 @@ torch::Tensor diff_weight(const LayerSpec& layer, const Weights& w, double scale
 // ΔW·x by the Kronecker reshape trick: W2 acts on the input split (c, q) (as the host's conv for convs),
 // then W1 mixes the c groups; never forms W1 ⊗ W2 nor a low-rank W2.
 torch::Tensor bypass_diff(const torch::Tensor& x, const LayerSpec& layer, const Weights& w, double scale);
-// Reference initialisation (TRAINING.md §2): w1 / w1a / w1b / w2a / t2 kaiming-uniform (a = √5);
+// Reference initialisation (docs/training.md#initialisation): w1 / w1a / w1b / w2a / t2 kaiming-uniform (a = √5);
 // w2 and w2b zero, or kaiming-uniform with use_scalar.
 Weights init_weights(const LayerSpec& layer, const Layout& layout, int64_t rank, bool use_scalar,
                      const torch::TensorOptions& options = {});

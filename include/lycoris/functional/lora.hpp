@@ -1,4 +1,4 @@
-// LoRA / LoCon (FORMAT.md §5.1) as pure tensor math.
+// LoRA / LoCon (docs/format.md#lora) as pure tensor math.
 //   ΔW = s · reshape(flat(up) · flat(down), W.shape)                      (no Tucker)
 //   ΔW[o, c, κ] = s · Σ_{i,j} up[o, i] · mid[i, j, κ] · down[j, c]         (Tucker, convs)
 // Any device, any float dtype: math in functional::compute_dtype, result in the inputs' dtype.
@@ -15,7 +15,7 @@ struct Weights {
   torch::Tensor down, up, mid;
 };
 
-// Tucker is used only for convs with a kernel size ≠ 1 (silently ignored otherwise, TRAINING.md §9).
+// Tucker is used only for convs with a kernel size ≠ 1 (silently ignored otherwise, docs/training.md#option-checks).
 bool uses_tucker(const LayerSpec& layer, bool tucker);
 // ΔW (shape layer.weight_shape()) at multiplier 1 with scale s.
 torch::Tensor diff_weight(const LayerSpec& layer, const Weights& w, double scale);
@@ -23,7 +23,7 @@ torch::Tensor diff_weight(const LayerSpec& layer, const Weights& w, double scale
 // → [mid] → up, times s. `rank_mask` (optional, r entries) multiplies the rank channels after down/mid.
 torch::Tensor bypass_diff(const torch::Tensor& x, const LayerSpec& layer, const Weights& w, double scale,
                           const torch::Tensor& rank_mask = {});
-// Reference initialisation (TRAINING.md §2): down and mid kaiming-uniform (a = √5); up zero, or
+// Reference initialisation (docs/training.md#initialisation): down and mid kaiming-uniform (a = √5); up zero, or
 // kaiming-uniform with use_scalar (the scalar then starts at 0).
 Weights init_weights(const LayerSpec& layer, int64_t rank, bool tucker, bool use_scalar,
                      const torch::TensorOptions& options = {});

@@ -1,4 +1,4 @@
-// Norm layers (FORMAT.md §5.5): w' = w + m·w_norm, b' = b + m·b_norm — the same additive rule as Full
+// Norm layers (docs/format.md#norm): w' = w + m·w_norm, b' = b + m·b_norm — the same additive rule as Full
 // (functional::full::apply_weight / apply_bias); here only what is specific to norms.
 #pragma once
 #include <torch/types.h>
@@ -14,7 +14,7 @@ namespace lycoris::functional::norm {
 torch::Tensor bypass_diff(const torch::Tensor& x, const LayerSpec& layer, const torch::Tensor& w_norm,
                           const torch::Tensor& b_norm, double m);
 // Initial (w_norm, b_norm): zeros (C,). b_norm is always created, as the reference does for any norm
-// with a bias attribute (TRAINING.md §2, QUIRKS Q25).
+// with a bias attribute (docs/training.md#initialisation, docs/loaders.md#q25-norm-defects).
 std::pair<torch::Tensor, torch::Tensor> init_weights(const LayerSpec& layer,
                                                      const torch::TensorOptions& options = {});
 

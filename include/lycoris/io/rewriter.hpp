@@ -1,6 +1,6 @@
 // SafetensorsRewriter: a safetensors file rewritten into a new one with the same tensors (names, dtypes,
 // shapes, file order) and new metadata, the caller changing tensor bytes in place on the way — the
-// streaming merge's zero-copy path (issue 6).
+// streaming merge's zero-copy path (docs/tools.md#merge-pipeline).
 //
 // The output's header is padded with spaces so that its data starts at the same offset modulo 4096 as the
 // input's: every byte then sits at the same place within its 4 KiB block in both files, and one window of

@@ -1,5 +1,5 @@
-// BOFT adapter (FORMAT.md §5.9, TRAINING.md §4.8): butterfly stages of Cayley rotations of W's output
-// rows (un-transposed, QUIRKS Q16), optional per-row rescale; `alpha` stores the constraint c.
+// BOFT adapter (docs/format.md#boft, docs/training.md#algo-oft): butterfly stages of Cayley rotations of W's output
+// rows (un-transposed, docs/loaders.md#q16-oft-rotation-direction), optional per-row rescale; `alpha` stores the constraint c.
 #pragma once
 #include <torch/nn/pimpl.h>
 
@@ -9,7 +9,7 @@ namespace lycoris {
 
 class BOFTImpl : public OFTAdapter {
  public:
-  // Fresh adapter: (S, N) = power2factorization(O, rank), OptionError when none exists (QUIRKS Q22);
+  // Fresh adapter: (S, N) = power2factorization(O, rank), OptionError when none exists (docs/loaders.md#q22-boft-layout);
   // blocks 0 (M, N, S, S), rescale 1 when options.rescaled(), constraint options.constraint().
   BOFTImpl(const LayerSpec& layer, const AdapterOptions& options);
   // From stored tensors (shapes already checked); rescale and alpha may be undefined (alpha → 0).

@@ -1,4 +1,4 @@
-// What every adapter module shares at construction and in its registry entry (TRAINING.md §1, §9):
+// What every adapter module shares at construction and in its registry entry (docs/training.md#supported-layers):
 // option validation with one error style, warnings for options an algorithm ignores, and the registry
 // snippets (create, rank from stored shapes, supported layers).
 #pragma once
@@ -12,14 +12,14 @@ namespace lycoris {
 
 // The layers an algorithm can wrap.
 enum class Hosts {
-  Weights,  // Linear, Conv1d/2d/3d with groups 1 (grouped convs are rejected, QUIRKS Q45)
+  Weights,  // Linear, Conv1d/2d/3d with groups 1 (grouped convs are rejected, docs/loaders.md#q45-grouped-dilated-padded-convs)
   Norms,    // LayerNorm, GroupNorm
 };
 
 // Validates what every algorithm shares and throws OptionError "<algo> on <layer>: <option> …" naming the
 // offending option: an unsupported layer; dropout, rank_dropout, module_dropout outside [0, 1]; rank < 1
-// when `needs_rank`; bypass_mode for an algorithm without one (Full, TRAINING.md §4.4). Then warns once
-// per message (TORCH_WARN) for every option set away from its default that `algo` ignores (TRAINING.md §9:
+// when `needs_rank`; bypass_mode for an algorithm without one (Full, docs/training.md#algo-full). Then warns once
+// per message (TORCH_WARN) for every option set away from its default that `algo` ignores (docs/training.md#option-checks:
 // "warn, not silently ignore").
 void check_options(const std::string& algo, const LayerSpec& layer, const AdapterOptions& options, Hosts hosts,
                    bool needs_rank);

@@ -1,7 +1,7 @@
-// DyLoRA adapter module (FORMAT.md §5.10, TRAINING.md §4.9). Saved as a LoRA at full rank with the raw alpha.
+// DyLoRA adapter module (docs/format.md#dylora, docs/training.md#dylora-blocks). Saved as a LoRA at full rank with the raw alpha.
 // Training: on_step() draws a block count j+1 ∈ [1, nb]; blocks 0…j−1 are used as constants, block j is
 // trained, scale alpha / ((j+1)·block_size) (= alpha / rank used: the scale the file gives that sub-model,
-// the recommended fix of QUIRKS Q23; the reference uses alpha / (j+1)). Evaluation: full rank, alpha / r.
+// the recommended fix of docs/loaders.md#q23-dylora; the reference uses alpha / (j+1)). Evaluation: full rank, alpha / r.
 #pragma once
 #include <torch/nn/pimpl.h>
 

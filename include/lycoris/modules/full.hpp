@@ -1,5 +1,5 @@
-// Full / native fine-tuning adapter (FORMAT.md §5.4, TRAINING.md §4.4): trains ΔW itself.
-//   W' = W + m·diff,  b' = b + m·diff_b  (the intended behaviour; the reference's is broken, QUIRKS Q24)
+// Full / native fine-tuning adapter (docs/format.md#full, docs/training.md#algo-full): trains ΔW itself.
+//   W' = W + m·diff,  b' = b + m·diff_b  (the intended behaviour; the reference's is broken, docs/loaders.md#q24-full-broken)
 #pragma once
 #include <torch/nn/pimpl.h>
 

@@ -1,5 +1,5 @@
 // GLoKr adapter module (docs/glokr.md): ΔW = s·σ·(W ×_in (A1 ⊗ A2) + B1 ⊗ B2), B laid out like LoKr
-// (FORMAT.md §5.3), s = alpha / r (1 when no factor is low-rank), σ the optional trainable scalar.
+// (docs/format.md#lokr), s = alpha / r (1 when no factor is low-rank), σ the optional trainable scalar.
 #pragma once
 #include <torch/nn/pimpl.h>
 

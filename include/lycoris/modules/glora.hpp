@@ -1,5 +1,5 @@
-// GLoRA adapter (FORMAT.md §5.7, TRAINING.md §4.7): ΔW = s·σ·(W·a1·a2 + b1·b2), s = alpha / r, σ the
-// optional trainable scalar (use_scalar; folded into both a2 and b2 on save, FORMAT.md §4.4).
+// GLoRA adapter (docs/format.md#glora, docs/training.md#algo-glora): ΔW = s·σ·(W·a1·a2 + b1·b2), s = alpha / r, σ the
+// optional trainable scalar (use_scalar; folded into both a2 and b2 on save, docs/format.md#scalar).
 #pragma once
 #include <torch/nn/pimpl.h>
 
@@ -11,7 +11,7 @@ namespace lycoris {
 class GLoRAImpl : public AdapterImpl {
  public:
   // Fresh adapter at options.rank(); alpha 0 → r. With rs_lora the scale is alpha/√r and the file
-  // stores alpha·√r so that the file's alpha/r reproduces it (the reference loses it, QUIRKS Q14).
+  // stores alpha·√r so that the file's alpha/r reproduces it (the reference loses it, docs/loaders.md#q14-glora-rs-lora-alpha).
   GLoRAImpl(const LayerSpec& layer, const AdapterOptions& options);
   // From stored tensors (shapes already checked); `alpha` is the stored tensor (undefined → r).
   GLoRAImpl(const LayerSpec& layer, const functional::glora::Weights& w, const torch::Tensor& alpha);

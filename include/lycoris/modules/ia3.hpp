@@ -1,5 +1,5 @@
-// (IA)^3 adapter (FORMAT.md §5.6, TRAINING.md §4.6): a learned vector v scales W's output rows, or its
-// input columns with train_on_input:  W' = W ⊙ (1 + m·v). The bias is never scaled (QUIRKS Q11).
+// (IA)^3 adapter (docs/format.md#ia3, docs/training.md#algo-ia3): a learned vector v scales W's output rows, or its
+// input columns with train_on_input:  W' = W ⊙ (1 + m·v). The bias is never scaled (docs/loaders.md#q11-ia3-bypass-scales-bias).
 #pragma once
 #include <torch/nn/pimpl.h>
 

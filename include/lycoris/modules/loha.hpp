@@ -1,4 +1,4 @@
-// LoHa adapter module (FORMAT.md §5.2, TRAINING.md §4.2).
+// LoHa adapter module (docs/format.md#loha, docs/training.md#algo-loha).
 #pragma once
 #include <torch/nn/pimpl.h>
 
@@ -30,7 +30,7 @@ class LoHaImpl : public LowRankAdapter {
 };
 TORCH_MODULE(LoHa);
 
-// Registry entry (FORMAT.md §3 marker `hada_w1_a`).
+// Registry entry (docs/format.md#detection marker `hada_w1_a`).
 Algorithm loha_algorithm();
 
 }  // namespace lycoris

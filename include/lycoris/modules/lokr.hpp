@@ -1,4 +1,4 @@
-// LoKr adapter module (FORMAT.md §5.3, TRAINING.md §4.3).
+// LoKr adapter module (docs/format.md#lokr, docs/training.md#algo-lokr).
 #pragma once
 #include <torch/nn/pimpl.h>
 
@@ -9,7 +9,7 @@ namespace lycoris {
 
 // What the Kronecker-layout algorithms (LoKr, GLoKr) share: the layout chosen from the options, the rank of
 // the low-rank factor (not a tensor's size: every factor may be full) and the scale rule
-// s = alpha / rank, or 1 when no factor is low-rank (alpha ignored, also under rs_lora: QUIRKS Q5).
+// s = alpha / rank, or 1 when no factor is low-rank (alpha ignored, also under rs_lora: docs/loaders.md#q5-lokr-full-factors-scale).
 class KronAdapter : public LowRankAdapter {
  public:
   using LowRankAdapter::LowRankAdapter;
@@ -41,7 +41,7 @@ class KronAdapter : public LowRankAdapter {
 
 class LoKrImpl : public KronAdapter {
  public:
-  // A fresh adapter for training: layout from factorization() (FORMAT.md §5.3), reference initialisation
+  // A fresh adapter for training: layout from factorization() (docs/format.md#lokr-layout), reference initialisation
   // (ΔW = 0), OptionError on invalid options.
   LoKrImpl(LayerSpec layer, AdapterOptions options);
   // From stored factors (already validated); the layout is read from their shapes.
@@ -64,7 +64,7 @@ class LoKrImpl : public KronAdapter {
 };
 TORCH_MODULE(LoKr);
 
-// Registry entry (FORMAT.md §3 marker `lokr_w1` or `lokr_w1_a`).
+// Registry entry (docs/format.md#detection marker `lokr_w1` or `lokr_w1_a`).
 Algorithm lokr_algorithm();
 
 }  // namespace lycoris

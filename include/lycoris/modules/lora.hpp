@@ -1,4 +1,4 @@
-// LoRA / LoCon adapter module (FORMAT.md §5.1, TRAINING.md §4.1).
+// LoRA / LoCon adapter module (docs/format.md#lora, docs/training.md#algo-lora).
 #pragma once
 #include <torch/nn/pimpl.h>
 
@@ -11,7 +11,7 @@
 namespace lycoris {
 
 // What the additive low-rank algorithms (LoRA, LoHa, LoKr, DyLoRA) share: the trainable scalar, DoRA,
-// the dropout family of TRAINING.md §3 and W' = W + m·ΔW. Subclasses provide ΔW and (optionally) ΔW·x.
+// the dropout family of docs/training.md#dropout and W' = W + m·ΔW. Subclasses provide ΔW and (optionally) ΔW·x.
 class LowRankAdapter : public AdapterImpl {
  public:
   using AdapterImpl::AdapterImpl;
@@ -27,9 +27,9 @@ class LowRankAdapter : public AdapterImpl {
   // The scale s applied to the factors' product (alpha / rank unless the algorithm says otherwise).
   virtual double scale() const { return alpha_ / static_cast<double>(rank()); }
   // ΔW at multiplier 1 from the live parameters (scale and scalar included; rows dropped by
-  // rank_dropout in training mode, TRAINING.md §4.1).
+  // rank_dropout in training mode, docs/training.md#dropout).
   torch::Tensor diff_weight();
-  // dora_scale ← the norms of the host weight W (FORMAT.md §4.3). A fresh DoRA adapter does this
+  // dora_scale ← the norms of the host weight W (docs/format.md#dora). A fresh DoRA adapter does this
   // automatically on its first apply_weight / bypass_forward; the parameter keeps its identity.
   void init_dora(const torch::Tensor& W);
 
@@ -66,7 +66,7 @@ class LoRAImpl : public LowRankAdapter {
 
   NamedTensors file_tensors() const override;
   int64_t rank() const override { return lora_down.size(0); }
-  // Sparse-bias residual of extracted files (FORMAT.md §5.1.1): the stored COO tensors, kept for saving,
+  // Sparse-bias residual of extracted files (docs/format.md#sparse-bias): the stored COO tensors, kept for saving,
   // and added densely (unscaled) to ΔW.
   void set_sparse_bias(torch::Tensor indices, torch::Tensor values, torch::Tensor size);
 
@@ -88,13 +88,13 @@ TORCH_MODULE(LoRA);
 // check_options (modules/common.hpp) for Linear/Conv hosts with a rank: OptionError "<algo> on <layer>: <reason>"
 // for an unsupported layer (not Linear/Conv, grouped conv), rank < 1 or a dropout probability outside [0, 1].
 void check_low_rank_options(const LayerSpec& layer, const AdapterOptions& options, const std::string& algo);
-// The alpha stored in files for these options (FORMAT.md §4.1): α = options.alpha (0 → rank), times
+// The alpha stored in files for these options (docs/format.md#alpha): α = options.alpha (0 → rank), times
 // rank / √rank with rs_lora, so that scale = alpha / rank is the training scale.
 double stored_alpha(const AdapterOptions& options);
-// The stored alpha of a module (any numeric dtype, shape () or (1,)); `rank` when absent (FORMAT.md §3).
+// The stored alpha of a module (any numeric dtype, shape () or (1,)); `rank` when absent (docs/format.md#alpha).
 double read_alpha(const TensorMap& tensors, const std::string& module, int64_t rank);
 
-// A LoRA module of a file, validated against the layer (FORMAT.md §5.1) and copied into owned tensors.
+// A LoRA module of a file, validated against the layer (docs/format.md#lora) and copied into owned tensors.
 struct LoRAFile {
   functional::lora::Weights weights;
   double alpha = 0;
@@ -103,7 +103,7 @@ struct LoRAFile {
 };
 LoRAFile read_lora_file(const std::string& module, const TensorMap& tensors, const LayerSpec& layer);
 
-// Registry entry (FORMAT.md §3 marker `lora_up.weight`); also reads DyLoRA and extracted files.
+// Registry entry (docs/format.md#detection marker `lora_up.weight`); also reads DyLoRA and extracted files.
 Algorithm lora_algorithm();
 
 }  // namespace lycoris

@@ -1,4 +1,4 @@
-// Norm-layer adapter (FORMAT.md §5.5, TRAINING.md §4.5) for LayerNorm / GroupNorm:
+// Norm-layer adapter (docs/format.md#norm, docs/training.md#algo-norm) for LayerNorm / GroupNorm:
 //   w' = w + m·w_norm,  b' = b + m·b_norm
 #pragma once
 #include <torch/nn/pimpl.h>
@@ -15,7 +15,7 @@ class NormImpl : public AdapterImpl {
   NormImpl(const LayerSpec& layer, const torch::Tensor& w_norm, const torch::Tensor& b_norm);
 
   // Training: rank_dropout drops channels of w_norm and b_norm together (keep iff u > p, the convention
-  // of every other algorithm; the reference's inverted mask is QUIRKS Q25).
+  // of every other algorithm; the reference's inverted mask is docs/loaders.md#q25-norm-defects).
   torch::Tensor apply_weight(const torch::Tensor& w, double m) override;
   // b + m·b_norm; without a host bias the bias is created (m·b_norm).
   torch::Tensor apply_bias(const torch::Tensor& b, double m) override;

@@ -1,4 +1,4 @@
-// What the Diag-OFT and BOFT modules share (FORMAT.md §5.8/§5.9, TRAINING.md §4.8): the stored rotation
+// What the Diag-OFT and BOFT modules share (docs/format.md#diag-oft, docs/format.md#boft, docs/training.md#algo-oft): the stored rotation
 // blocks, the optional per-row rescale, the constraint c stored as `alpha`, the option checks and the
 // file checks common to both layouts.
 #pragma once

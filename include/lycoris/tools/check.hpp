@@ -1,11 +1,11 @@
-// `lycoris check ADAPTER --base BASE`: why would a loader say "lora key not loaded"? (issue 6 item 3)
+// `lycoris check ADAPTER --base BASE`: why would a loader say "lora key not loaded"? (docs/tools.md#check)
 //
 // Per module: the base key it maps to and through which naming rule (naming::Resolver dialects), or that
 // it matches nothing (with the closest base names); whether its tensors fit the base layer's shape
 // (the registry's loader validates every stored shape); NaN/Inf in its tensors. For the adapter as a
 // whole: base layers of the families it covers elsewhere that it does not touch (family = the layer's
 // dotted path with numbers wildcarded, last two named components: "attn1.to_q", "resnets.*.conv1"), and
-// the places where other loaders read such modules differently (LOADERS.md, QUIRKS.md).
+// the places where other loaders read such modules differently (docs/loaders.md, docs/loaders.md#quirks).
 // Adapters in LyCORIS, kohya and PEFT/diffusers naming are accepted (tools::read_adapter).
 #pragma once
 #include <string>

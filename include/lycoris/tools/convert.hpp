@@ -1,5 +1,5 @@
 // `lycoris convert`: rewrite an adapter file between the LyCORIS, kohya and PEFT/diffusers namings
-// without changing any module's ΔW (issue 6 item 2; naming rules in include/lycoris/naming.hpp).
+// without changing any module's ΔW (docs/tools.md#convert; naming rules in include/lycoris/naming.hpp).
 //
 // Formats (module "component" = which model part it belongs to):
 //   lycoris  "lycoris_<path>" for the main model (U-Net / transformer / generic), "lora_te*_<path>" for text

@@ -1,4 +1,4 @@
-// Extracting an adapter from a fine-tuned checkpoint (`lycoris extract`, TOOLS.md §2, issue 6 item 4).
+// Extracting an adapter from a fine-tuned checkpoint (`lycoris extract`, docs/tools.md#extract, docs/tools.md#extract).
 //
 // For every layer "<path>.weight" present in both checkpoints with D = W_tuned − W_base ≠ 0 (reference
 // test: not allclose(W_tuned, W_base, rtol 1e-5, atol 1e-8)) and M = flat(D) (O, I·k):

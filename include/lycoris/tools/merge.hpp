@@ -1,4 +1,4 @@
-// Merging adapters into a base checkpoint (`lycoris merge`, TOOLS.md §1 and §5, issues 3 and 6).
+// Merging adapters into a base checkpoint (`lycoris merge`, docs/tools.md#merge).
 //
 // Two streaming paths, both three stages on their own threads (read, compute, write):
 // - Same dtypes in and out (the usual case): io::SafetensorsRewriter. The output keeps the input's byte

@@ -1,4 +1,4 @@
-// Reducing the rank of LoRA / LoCon / DyLoRA modules (`lycoris resize`, issue 6 item 5).
+// Reducing the rank of LoRA / LoCon / DyLoRA modules (`lycoris resize`, docs/tools.md#resize).
 //
 // Per LoRA-format module (marker lora_up.weight; DyLoRA files are LoRA files): ΔW = s·flat(up)·D_eff with
 // s = alpha / r and D_eff = flat(down), or for Tucker files D_eff[i, (c, κ)] = Σ_j mid[i, j, κ]·down[j, c].
