@@ -14,10 +14,10 @@
 
 #include "commands.hpp"
 #include "common.hpp"
+#include "exec/prefault_allocator.hpp"
 #include "lycoris/error.hpp"
 #include "lycoris/io/safetensors.hpp"
 #include "lycoris/text.hpp"
-#include "lycoris/tools/prefault_allocator.hpp"
 #include "lycoris/version.hpp"
 
 namespace {
@@ -83,7 +83,7 @@ int main(int argc, char** argv) {
   // Interrupted, no temporary output is left behind (the previous output is untouched anyway).
   lycoris::io::remove_temporaries_on_signals({SIGINT, SIGTERM, SIGHUP});
   // large tensors come already backed by memory: page faults dominate loading and temporaries on VMs
-  lycoris::tools::use_prefault_allocator();
+  lycoris::exec::use_prefault_allocator();
   const int code = run(argc, argv);
   // Every output is committed (fsync + rename) by now: skip the teardown of torch, the adapters and the
   // memory (0.1 s after a merge), as the OS reclaims all of it anyway.

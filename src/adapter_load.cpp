@@ -1,6 +1,7 @@
 // Loading an adapter file against a base checkpoint: module name → base layer → LayerSpec → registry.
 #include <torch/torch.h>
 
+#include "exec/arena.hpp"
 #include "lycoris/adapter_file.hpp"
 #include "lycoris/algorithms.hpp"
 #include "lycoris/error.hpp"
@@ -36,8 +37,8 @@ LoadedAdapter load_adapter_for_base(const io::SafetensorsFile& file, const namin
   // every module's fp32 copies of its tensors in one populated block (page faults dominate loading on VMs)
   size_t arena_bytes = 0;
   for (const auto& t : file.header().tensors)
-    arena_bytes += functional::OwnedFloatArena::bytes_for(t.numel(), t.dtype == io::DType::F64);
-  functional::OwnedFloatArena arena(arena_bytes);
+    arena_bytes += exec::OwnedFloatArena::bytes_for(t.numel(), t.dtype == io::DType::F64);
+  exec::OwnedFloatArena arena(arena_bytes);
   std::vector<std::string> stray;
   const auto groups = group_modules(file, &stray);
   if (groups.empty()) throw KeyError(file.path() + ": " + no_modules_problem(file.tensors().size()));

@@ -4,12 +4,14 @@
 #include <cstdint>
 #include <limits>
 
+#include "exec/arena.hpp"
 #include "lycoris/functional/common.hpp"
 #include "test_util.hpp"
 
 namespace functional_common_test {
 
 namespace F = lycoris::functional;
+namespace exec = lycoris::exec;
 
 torch::Tensor special_halves() {
   const float inf = std::numeric_limits<float>::infinity();
@@ -43,8 +45,8 @@ TEST(FunctionalCommon, OwnedFloatArena) {
   auto big = torch::randn({1000});
   torch::Tensor ra, rb, rbig;
   {
-    F::OwnedFloatArena arena(F::OwnedFloatArena::bytes_for(a.numel(), false) +
-                             F::OwnedFloatArena::bytes_for(b.numel(), true));
+    exec::OwnedFloatArena arena(exec::OwnedFloatArena::bytes_for(a.numel(), false) +
+                             exec::OwnedFloatArena::bytes_for(b.numel(), true));
     ra = F::owned_float(a);
     rb = F::owned_float(b);
     rbig = F::owned_float(big);  // does not fit any more: an ordinary allocation
@@ -65,7 +67,7 @@ TEST(FunctionalCommon, OwnedFloatArena) {
 
 TEST(FunctionalCommon, MapPopulated) {
   size_t size = 0;
-  void* p = F::map_populated(3 << 20, size);
+  void* p = exec::map_populated(3 << 20, size);
   ASSERT_NE(p, nullptr);
   EXPECT_EQ(size, size_t{4} << 20);
   EXPECT_EQ(reinterpret_cast<uintptr_t>(p) % (2 << 20), 0u);
@@ -74,7 +76,7 @@ TEST(FunctionalCommon, MapPopulated) {
   EXPECT_EQ(bytes[size - 1], 0);
   bytes[size - 1] = 7;
   EXPECT_EQ(bytes[size - 1], 7);
-  F::unmap_populated(p, size);
+  exec::unmap_populated(p, size);
 }
 
 }  // namespace functional_common_test

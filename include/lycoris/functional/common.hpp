@@ -1,6 +1,5 @@
 // Small helpers shared by every algorithm's functional code (one home each).
 #pragma once
-#include <memory>
 #include <torch/types.h>
 
 #include <string>
@@ -70,35 +69,9 @@ std::string empty_weight(const LayerSpec& layer);
 // adapter (their scale alpha / rank is 0 / 0), whatever layer they are loaded for.
 void expect_rank(int64_t rank, const torch::Tensor& t, const std::string& module, const std::string& key);
 // A writable copy of a file tensor as a parameter value: fp64 stays fp64, every other dtype becomes fp32
-// (as the reference copies into fp32 parameters).
+// (as the reference copies into fp32 parameters); CPU results come from the loader's arena while one is
+// alive on this thread.
 torch::Tensor owned_float(const torch::Tensor& t);
-// Anonymous memory of at least `bytes`, 2 MiB-aligned, in transparent huge pages where the system allows
-// (madvise mode) and populated before it is returned. On a VM with shadow paging the first touch of each
-// 4 KiB page in a process costs ~1.5–4 µs (0.2–0.5 s for 136 MB); huge pages populated up front cost
-// ~10 ms for the same block. nullptr when mapping fails; release with unmap_populated(p, size).
-void* map_populated(size_t bytes, size_t& mapped_size);
-void unmap_populated(void* p, size_t mapped_size);
-
-// While one is alive, owned_float on this thread takes its results from one populated block of `bytes`
-// (the tensors keep the block alive), so that loading an adapter touches fresh memory in one go.
-// Results that do not fit get ordinary allocations.
-class OwnedFloatArena {
- public:
-  explicit OwnedFloatArena(size_t bytes);
-  ~OwnedFloatArena();
-  OwnedFloatArena(const OwnedFloatArena&) = delete;
-  OwnedFloatArena& operator=(const OwnedFloatArena&) = delete;
-  // Bytes owned_float takes for a tensor of `numel` elements (fp64: 8 bytes each, else 4; aligned).
-  static size_t bytes_for(uint64_t numel, bool fp64);
-
- private:
-  friend torch::Tensor owned_float(const torch::Tensor& t);
-  struct Block;
-  std::shared_ptr<Block> block_;
-  size_t used_ = 0;
-  OwnedFloatArena* previous_;
-};
-
 // dst ← src (same shape, both contiguous), converting the dtype: fp16 ↔ fp32 on CPU with the F16C
 // instructions where the CPU has them (torch 1.13 converts one element at a time, ~10× slower), else copy_.
 void convert_into(const torch::Tensor& dst, const torch::Tensor& src);

@@ -1,5 +1,4 @@
-// use_prefault_allocator (see include/lycoris/tools/prefault_allocator.hpp).
-#include "lycoris/tools/prefault_allocator.hpp"
+#include "exec/prefault_allocator.hpp"
 
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
@@ -8,9 +7,9 @@
 #include <mutex>
 #include <unordered_map>
 
-#include "lycoris/functional/common.hpp"
+#include "exec/arena.hpp"
 
-namespace lycoris::tools {
+namespace lycoris::exec {
 
 namespace {
 
@@ -26,7 +25,7 @@ class PrefaultAllocator final : public c10::Allocator {
       const size_t size = (n + kHuge - 1) / kHuge * kHuge;  // the size map_populated maps
       void* p = take_cached(size);
       size_t mapped = size;
-      if (!p) p = functional::map_populated(size, mapped);
+      if (!p) p = map_populated(size, mapped);
       if (p) return {p, new Block{p, mapped, this}, &release, c10::Device(c10::DeviceType::CPU)};
     }
     return fallback_->allocate(n);
@@ -62,7 +61,7 @@ class PrefaultAllocator final : public c10::Allocator {
         return;
       }
     }
-    functional::unmap_populated(b->p, b->size);
+    unmap_populated(b->p, b->size);
     delete b;
   }
   c10::Allocator* fallback_;
@@ -83,4 +82,4 @@ void use_prefault_allocator(size_t min_bytes) {
   });
 }
 
-}  // namespace lycoris::tools
+}  // namespace lycoris::exec
