@@ -16,4 +16,8 @@ torch::Tensor AdapterImpl::bypass_forward(const torch::Tensor& x, const torch::T
 
 double AdapterImpl::alpha() const { return std::numeric_limits<double>::quiet_NaN(); }
 
+std::unique_ptr<RowKernel> AdapterImpl::row_kernel(double, const torch::TensorOptions&, torch::IntArrayRef) const {
+  return nullptr;
+}
+
 }  // namespace lycoris

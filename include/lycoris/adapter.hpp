@@ -12,6 +12,7 @@
 
 #include "lycoris/layer.hpp"
 #include "lycoris/options.hpp"
+#include "lycoris/row_kernel.hpp"
 
 namespace lycoris {
 
@@ -35,6 +36,9 @@ class AdapterImpl : public torch::nn::Module {
   virtual torch::Tensor apply_weight(const torch::Tensor& W, double m) = 0;
   // b' at multiplier m; `b` may be undefined (layer without bias). Default: unchanged.
   virtual torch::Tensor apply_bias(const torch::Tensor& b, double m) { return b; }
+  // Whether apply_bias can change the bias (Full's diff_b, Norm's b_norm): on a layer without bias it
+  // would create one.
+  virtual bool changes_bias() const { return false; }
   // The adapted layer's output for input x without materialising ΔW where the algorithm allows it.
   // Must equal layer_forward(x, layer(), apply_weight(W, m), apply_bias(b, m)).
   // Default: exactly that (materialising).
@@ -49,6 +53,16 @@ class AdapterImpl : public torch::nn::Module {
 
   // Training hook called once per optimizer step by the network (DyLoRA picks its rank block here).
   virtual void on_step() {}
+
+  // In-place merging (tools::merge streams a checkpoint through these; eval mode only, else nothing):
+  // A kernel applying this adapter at multiplier m in place to chunks of rows of a weight of `shape` held in
+  // `compute` (dtype and device), ΔW never materialised (row_kernel.hpp); nullptr when the algorithm has
+  // none for this case (the caller uses apply_weight).
+  virtual std::unique_ptr<RowKernel> row_kernel(double m, const torch::TensorOptions& compute,
+                                                torch::IntArrayRef shape) const;
+  // ΔW at multiplier 1 when apply_weight(W, m) is W + m·ΔW with ΔW independent of W (so that a caller may
+  // add m·ΔW into W in place); undefined otherwise (DoRA, (IA)^3, OFT, …). Default: undefined.
+  virtual torch::Tensor additive_delta() { return {}; }
 
  protected:
   std::string algo_;

@@ -34,6 +34,22 @@ torch::Tensor IA3Impl::bypass_forward(const torch::Tensor& x, const torch::Tenso
   return fn::ia3::bypass_forward(x, layer_, W, b, weight, on_input_, m);
 }
 
+// The same fp32 ops as functional::ia3::apply_weight, on the rows of a chunk.
+std::unique_ptr<RowKernel> IA3Impl::row_kernel(double m, const torch::TensorOptions& opts,
+                                               torch::IntArrayRef shape) const {
+  if (is_training() || shape.size() < 2) return nullptr;
+  const auto f = weight.detach().to(opts).reshape({-1}) * m + 1;
+  if (!on_input_) {
+    const auto rows = f.view({-1, 1});
+    return std::make_unique<RowKernel>(
+        RowKernel{1, [=](const torch::Tensor& Wr, int64_t r0, int64_t r1) { Wr.mul_(rows.narrow(0, r0, r1 - r0)); }});
+  }
+  const int64_t I = shape[1], K = c10::multiply_integers(shape) / (shape[0] * I);
+  const auto cols = f.view({1, I, 1});
+  return std::make_unique<RowKernel>(
+      RowKernel{1, [=](const torch::Tensor& Wr, int64_t, int64_t) { Wr.view({Wr.size(0), I, K}).mul_(cols); }});
+}
+
 NamedTensors IA3Impl::file_tensors() const {
   return {{"weight", weight.detach()},
           {"on_input", torch::tensor(static_cast<int64_t>(on_input_), torch::kInt64)}};

@@ -2,6 +2,7 @@
 
 #include <torch/torch.h>
 
+#include "exec/scratch.hpp"
 #include "lycoris/error.hpp"
 #include "lycoris/functional/common.hpp"
 #include "lycoris/functional/dora.hpp"
@@ -46,6 +47,23 @@ torch::Tensor LoHaImpl::raw_bypass(const torch::Tensor& x, double m) {
   auto w = weights();
   if (!F::loha::bypass_is_cheaper(layer_, w)) return {};  // materialise instead
   return drop_out_channels(F::loha::bypass_diff(x, layer_, w, scale() * m));
+}
+
+std::unique_ptr<RowKernel> LoHaImpl::delta_kernel(double m, const torch::TensorOptions& opts, torch::IntArrayRef) const {
+  if (hada_t1.defined() || !in_compute(opts, {hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b})) return nullptr;
+  const double c = m * scale();
+  auto w1a = hada_w1_a * scalar, w1b = hada_w1_b.contiguous(), w2a = hada_w2_a.contiguous(),
+       w2b = hada_w2_b.contiguous();
+  return std::make_unique<RowKernel>(RowKernel{1, [=](const torch::Tensor& Wr, int64_t r0, int64_t r1) {
+                                                 const int64_t n = r1 - r0;
+                                                 // both products in this thread's buffers
+                                                 thread_local torch::Tensor b1, b2;
+                                                 auto P1 = exec::scratch(b1, n, Wr.size(1), Wr.options()),
+                                                      P2 = exec::scratch(b2, n, Wr.size(1), Wr.options());
+                                                 torch::mm_out(P1, w1a.narrow(0, r0, n), w1b);
+                                                 torch::mm_out(P2, w2a.narrow(0, r0, n), w2b);
+                                                 Wr.addcmul_(P1, P2, c);
+                                               }});
 }
 
 NamedTensors LoHaImpl::file_tensors() const {

@@ -60,6 +60,24 @@ torch::Tensor LoKrImpl::raw_bypass(const torch::Tensor& x, double m) {
   return drop_out_channels(F::lokr::bypass_diff(x, layer_, weights(), scale() * m));
 }
 
+std::unique_ptr<RowKernel> LoKrImpl::delta_kernel(double m, const torch::TensorOptions& opts,
+                                                   torch::IntArrayRef shape) const {
+  auto w = weights();  // the scalar multiplies W1
+  if (!in_compute(opts, {w.w1, w.w1a, w.w1b, w.w2, w.w2a, w.w2b, w.t2})) return nullptr;
+  const double c = m * scale();
+  auto W1 = F::lokr::w1(w), W2 = F::lokr::w2(layer_, w);
+  const int64_t O = shape[0], numel = c10::multiply_integers(shape);
+  const int64_t A = W1.size(0), C = W1.size(1), P = W2.size(0);
+  if (A * P != O || numel % (O * C) != 0) return nullptr;
+  const int64_t QK = numel / (O * C);
+  auto w2v = W2.reshape({1, P, 1, QK}).contiguous();
+  return std::make_unique<RowKernel>(RowKernel{P, [=](const torch::Tensor& Wr, int64_t r0, int64_t r1) {
+                                                 const int64_t u0 = r0 / P, nu = (r1 - r0) / P;
+                                                 Wr.view({nu, P, C, QK})
+                                                     .addcmul_(W1.narrow(0, u0, nu).reshape({nu, 1, C, 1}), w2v, c);
+                                               }});
+}
+
 NamedTensors LoKrImpl::file_tensors() const {
   NamedTensors out;
   out.emplace_back("alpha", torch::scalar_tensor(alpha_, torch::kFloat32));

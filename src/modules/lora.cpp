@@ -13,23 +13,6 @@ namespace lycoris {
 
 namespace F = functional;
 
-// ---------------------------------------------------------------- shared low-rank helpers
-
-void check_low_rank_options(const LayerSpec& layer, const AdapterOptions& o, const std::string& algo) {
-  check_options(algo, layer, o, Hosts::Weights, /*needs_rank=*/true);
-}
-
-double stored_alpha(const AdapterOptions& o) {
-  const double r = static_cast<double>(o.rank());
-  const double a = o.alpha() == 0.0 ? r : o.alpha();
-  return o.rs_lora() ? a * r / std::sqrt(r) : a;
-}
-
-double read_alpha(const TensorMap& tensors, const std::string& module, int64_t rank) {
-  auto a = F::optional(tensors, "alpha");
-  return a.defined() ? F::scalar_value(a, module, "alpha") : static_cast<double>(rank);
-}
-
 // ---------------------------------------------------------------- file reading
 
 LoRAFile read_lora_file(const std::string& module, const TensorMap& t, const LayerSpec& layer) {
@@ -97,77 +80,6 @@ LoRAFile read_lora_file(const std::string& module, const TensorMap& t, const Lay
   return f;
 }
 
-// ---------------------------------------------------------------- the shared low-rank machinery
-
-void LowRankAdapter::setup_common(const torch::TensorOptions& po, torch::Tensor loaded_dora_scale) {
-  if (options_.use_scalar())
-    scalar = register_parameter("scalar", torch::zeros({}, po));
-  else
-    scalar = register_buffer("scalar", torch::ones({}, po));
-  if (loaded_dora_scale.defined()) {
-    dora_scale = register_parameter("dora_scale", loaded_dora_scale);
-  } else if (options_.dora()) {
-    dora_scale = register_parameter("dora_scale",
-                                    torch::ones(F::dora::scale_shape(layer_.weight_shape(), options_.wd_on_out()), po));
-    dora_ready_ = false;
-  }
-}
-
-void LowRankAdapter::begin_loaded(double alpha) {
-  alpha_ = alpha;
-  options_.use_scalar(false).rs_lora(false).dora(false);
-}
-
-void LowRankAdapter::record_loaded(int64_t rank, bool tucker) {
-  options_.rank(rank).alpha(alpha_).tucker(tucker).dora(dora_scale.defined());
-  if (dora_scale.defined()) options_.wd_on_out(F::dora::on_out(dora_scale, layer_.weight_shape(), algo_));
-}
-
-torch::Tensor LowRankAdapter::diff_weight() {
-  auto dw = raw_diff();
-  if (is_training() && options_.rank_dropout() > 0)
-    dw = F::drop_rows(dw, options_.rank_dropout(), options_.rank_dropout_scale());
-  return dw;
-}
-
-torch::Tensor LowRankAdapter::drop_out_channels(const torch::Tensor& delta) const {
-  if (!is_training() || options_.rank_dropout() <= 0) return delta;
-  auto mask = F::keep_mask(layer_.out_features, options_.rank_dropout(), options_.rank_dropout_scale(),
-                           delta.options());
-  std::vector<int64_t> shape(static_cast<size_t>(delta.dim()), 1);
-  const int64_t axis = layer_.is_conv() ? delta.dim() - 1 - static_cast<int64_t>(layer_.kernel.size()) : delta.dim() - 1;
-  shape[static_cast<size_t>(axis)] = layer_.out_features;
-  return delta * mask.view(shape);
-}
-
-void LowRankAdapter::init_dora(const torch::Tensor& W) {
-  torch::NoGradGuard no_grad;
-  dora_scale.copy_(F::dora::init_scale(W, F::dora::on_out(dora_scale, layer_.weight_shape(), algo_)));
-  dora_ready_ = true;
-}
-
-torch::Tensor LowRankAdapter::merged(const torch::Tensor& W, double m) {
-  if (dora_scale.defined() && !dora_ready_) init_dora(W);
-  return F::merge_delta(W, diff_weight(), m, dora_scale);
-}
-
-torch::Tensor LowRankAdapter::apply_weight(const torch::Tensor& W, double m) {
-  if (F::module_dropped(options_.module_dropout(), is_training())) return W;
-  return merged(W, m);
-}
-
-torch::Tensor LowRankAdapter::bypass_forward(const torch::Tensor& x, const torch::Tensor& W, const torch::Tensor& b,
-                                             double m) {
-  if (F::module_dropped(options_.module_dropout(), is_training())) return layer_forward(x, layer_, W, b);
-  // DoRA needs the norms of W + ΔW: materialise (bypass = rebuild, fixing docs/loaders.md#q7-dora-ignored-in-bypass)
-  if (dora_scale.defined()) return layer_forward(x, layer_, merged(W, m), b);
-  auto delta = raw_bypass(x, m);
-  if (!delta.defined()) delta = F::host_op(x, layer_, (diff_weight() * m).to(x.scalar_type()));
-  if (is_training() && options_.dropout() > 0) delta = torch::dropout(delta, options_.dropout(), true);
-  auto y = layer_forward(x, layer_, W, b);
-  return y + delta.to(y.scalar_type());
-}
-
 // ---------------------------------------------------------------- LoRA
 
 LoRAImpl::LoRAImpl(LayerSpec layer, AdapterOptions options) : LowRankAdapter("lora", std::move(layer), std::move(options)) {
@@ -214,6 +126,18 @@ torch::Tensor LoRAImpl::raw_bypass(const torch::Tensor& x, double m) {
   auto delta = F::lora::bypass_diff(x, layer_, weights(), scale() * m, mask);
   if (sparse_dense_.defined()) delta = delta + F::host_op(x, layer_, (sparse_dense_ * m).to(x.scalar_type()));
   return delta;
+}
+
+std::unique_ptr<RowKernel> LoRAImpl::delta_kernel(double m, const torch::TensorOptions& opts, torch::IntArrayRef) const {
+  if (lora_mid.defined() || !in_compute(opts, {lora_up, lora_down})) return nullptr;
+  const double c = m * scale();
+  auto up = F::flat(lora_up * scalar), down = F::flat(lora_down).contiguous();
+  // the sparse-bias residual of extracted files: ΔW += dense (unscaled)
+  auto sparse = sparse_dense_.defined() ? F::flat(sparse_dense_).to(opts) : torch::Tensor();
+  return std::make_unique<RowKernel>(RowKernel{1, [=](const torch::Tensor& Wr, int64_t r0, int64_t r1) {
+                                                 Wr.addmm_(up.narrow(0, r0, r1 - r0), down, 1.0, c);
+                                                 if (sparse.defined()) Wr.add_(sparse.narrow(0, r0, r1 - r0), m);
+                                               }});
 }
 
 NamedTensors LoRAImpl::file_tensors() const {

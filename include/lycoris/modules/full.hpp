@@ -17,6 +17,7 @@ class FullImpl : public AdapterImpl {
   torch::Tensor apply_weight(const torch::Tensor& W, double m) override;
   // b + m·diff_b; without a host bias the bias is created (m·diff_b).
   torch::Tensor apply_bias(const torch::Tensor& b, double m) override;
+  bool changes_bias() const override { return diff_b.defined(); }
   torch::Tensor bypass_forward(const torch::Tensor& x, const torch::Tensor& W, const torch::Tensor& b,
                                double m) override;
   NamedTensors file_tensors() const override;  // diff, diff_b?

@@ -22,6 +22,8 @@ class GLoKrImpl : public KronAdapter {
   torch::Tensor apply_weight(const torch::Tensor& W, double m) override;
   torch::Tensor bypass_forward(const torch::Tensor& x, const torch::Tensor& W, const torch::Tensor& b,
                                double m) override;
+  // Undefined: ΔW depends on W.
+  torch::Tensor additive_delta() override { return {}; }
   // Key order: alpha, dora_scale?, glokr_a_w1, glokr_a_w2 | glokr_a_w2_a, glokr_a_w2_b,
   // glokr_b_w1 | glokr_b_w1_a, glokr_b_w1_b, glokr_b_w2 | glokr_b_w2_a, glokr_b_w2_b, glokr_b_t2?
   // (the scalar folded into glokr_a_w1 and glokr_b_w1 / glokr_b_w1_a).

@@ -19,6 +19,9 @@ class IA3Impl : public AdapterImpl {
   torch::Tensor bypass_forward(const torch::Tensor& x, const torch::Tensor& W, const torch::Tensor& b,
                                double m) override;
   NamedTensors file_tensors() const override;  // weight, on_input (int64, 0-dim)
+  // W[r0:r1] ⊙= 1 + m·v along the output rows or the input columns (eval mode, 2-D or wider weights).
+  std::unique_ptr<RowKernel> row_kernel(double m, const torch::TensorOptions& compute,
+                                        torch::IntArrayRef shape) const override;
 
   torch::Tensor weight;
 

@@ -2,8 +2,9 @@
 #pragma once
 #include <torch/nn/pimpl.h>
 
+#include "lycoris/algorithms.hpp"
 #include "lycoris/functional/loha.hpp"
-#include "lycoris/modules/lora.hpp"
+#include "lycoris/modules/low_rank.hpp"
 
 namespace lycoris {
 
@@ -23,6 +24,10 @@ class LoHaImpl : public LowRankAdapter {
  protected:
   torch::Tensor raw_diff() override;
   torch::Tensor raw_bypass(const torch::Tensor& x, double m) override;
+  // W[r0:r1] += c·(w1a[r0:r1]·w1b) ⊙ (w2a[r0:r1]·w2b) (two small mm, one addcmul per chunk, c = m·s); not
+  // with Tucker.
+  std::unique_ptr<RowKernel> delta_kernel(double m, const torch::TensorOptions& compute,
+                                          torch::IntArrayRef shape) const override;
 
  private:
   void setup(functional::loha::Weights w, torch::Tensor dora_scale);

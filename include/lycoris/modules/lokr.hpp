@@ -2,8 +2,9 @@
 #pragma once
 #include <torch/nn/pimpl.h>
 
+#include "lycoris/algorithms.hpp"
 #include "lycoris/functional/lokr.hpp"
-#include "lycoris/modules/lora.hpp"
+#include "lycoris/modules/low_rank.hpp"
 
 namespace lycoris {
 
@@ -57,6 +58,10 @@ class LoKrImpl : public KronAdapter {
   torch::Tensor raw_diff() override;
   torch::Tensor raw_bypass(const torch::Tensor& x, double m) override;
   bool all_full() const override { return lokr_w1.defined() && lokr_w2.defined(); }
+  // W viewed (a, p, c, q·k): W[u0:u1] += c·W1[u0:u1, None, :, None]·W2[None, :, None, :] (one addcmul per
+  // chunk of whole row blocks u, c = m·s).
+  std::unique_ptr<RowKernel> delta_kernel(double m, const torch::TensorOptions& compute,
+                                          torch::IntArrayRef shape) const override;
 
  private:
   void setup(functional::lokr::Weights w, torch::Tensor dora_scale);

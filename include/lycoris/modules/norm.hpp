@@ -19,6 +19,7 @@ class NormImpl : public AdapterImpl {
   torch::Tensor apply_weight(const torch::Tensor& w, double m) override;
   // b + m·b_norm; without a host bias the bias is created (m·b_norm).
   torch::Tensor apply_bias(const torch::Tensor& b, double m) override;
+  bool changes_bias() const override { return b_norm.defined(); }
   // norm(x, w, b) + norm(x, m·w_norm, m·b_norm)
   torch::Tensor bypass_forward(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b,
                                double m) override;
