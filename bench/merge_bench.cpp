@@ -19,7 +19,7 @@
 
 #include "lycoris/algorithms.hpp"
 #include "lycoris/layer.hpp"
-#include "lycoris/tools/merge.hpp"
+#include "tools/merge/merge_tensor.hpp"
 
 namespace {
 

@@ -14,6 +14,7 @@
 #include "lycoris/io/safetensors.hpp"
 #include "lycoris/tools/merge.hpp"
 #include "test_util.hpp"
+#include "tools/merge/merge_tensor.hpp"
 
 namespace merge_fused_test {
 

@@ -16,6 +16,7 @@
 #include "lycoris/modules/lora.hpp"
 #include "lycoris/tools/merge.hpp"
 #include "test_util.hpp"
+#include "tools/merge/merge_tensor.hpp"
 
 namespace merge_scale_test {
 

@@ -10,8 +10,9 @@
 // - A dtype change (--dtype): pread of one base tensor at a time into a pool of read buffers (max(3,
 //   max_bytes_in_flight / largest tensor) of the largest size), compute, SafetensorsWriter.
 // Compute is only for tensors an adapter touches: W' = … apply_weight(apply_weight(W, m1), m2) … in fp32,
-// NaN/Inf check, one rounding to the output dtype (merge_tensor); never the whole checkpoint, never an fp32
-// copy of a whole tensor for LoRA/LoHa/LoKr/(IA)^3/DoRA (other algorithms: one tensor's fp32 temporaries).
+// NaN/Inf check, one rounding to the output dtype; never the whole checkpoint, never an fp32 copy of a whole
+// tensor for algorithms with a row kernel (AdapterImpl::row_kernel: LoRA/LoHa/LoKr/(IA)^3/DoRA; the others:
+// one tensor's fp32 temporaries).
 // Either way the output appears (by rename) only when complete.
 // LYCORIS_MERGE_TRACE=1 in the environment prints each tensor's compute time to stderr;
 // LYCORIS_MERGE_NO_REWRITER=1 forces the buffer-pool path (for comparisons); LYCORIS_MERGE_TEST_DELAY_MS=N
@@ -26,10 +27,6 @@
 #include <vector>
 
 #include "lycoris/naming.hpp"
-
-namespace lycoris {
-class AdapterImpl;
-}
 
 namespace lycoris::tools {
 
@@ -77,35 +74,4 @@ struct MergeReport {
 // (KeyError/ShapeError for adapters that do not fit, FormatError/IOError for files, Error naming the
 // module for NaN/Inf) — in that case `output` is left untouched.
 MergeReport merge(const std::string& base, const std::string& output, const MergeOptions& options);
-
-// One adapter module applied to a tensor at multiplier m (bias: apply_bias instead of apply_weight), to
-// the rows [row_begin, row_end) of the tensor (row_end = -1: the whole tensor). A row block is the layer of
-// a module that maps to part of a fused tensor (OpenCLIP's q/k/v in `attn.in_proj_weight` / `in_proj_bias`,
-// naming::BaseLayer::part): the module sees exactly those rows, as it would see a separate q/k/v layer.
-struct MergeStep {
-  AdapterImpl* adapter;
-  double m = 1.0;
-  bool bias = false;
-  int64_t row_begin = 0, row_end = -1;
-  bool ranged() const { return row_end >= 0; }
-};
-
-// The compute stage of merge for one tensor: out ← round(… apply_weight(apply_weight(x, m1), m2) …) with
-// the math in fp32 (fp64 for fp64 x) and one rounding to out's dtype. `out` has x's shape, any float
-// dtype, and may be x itself. On CPU, when every step is LoRA / LoHa / LoKr (eval, no Tucker; with or
-// without DoRA) or (IA)^3, ΔW is never materialised: chunks of rows are converted, get m·ΔW added in place
-// (addmm / addcmul from the factors; DoRA rescales by row norms in the same pass or by column norms in a
-// second one) and are rounded into `out` while in cache, in parallel over our own worker threads. The
-// result equals apply_weight's up to the order of fp32 roundings inside an element. Otherwise x is copied
-// to `device` in fp32 once and every step is applied to it in place (W += m·ΔW for additive low-rank
-// modules, W ← apply_weight(W, m) for the others; a step with a row range on the view of its rows — this
-// path is taken whenever a step has one). Returns false when the result has NaN/Inf (`out` is written
-// anyway). ShapeError when a step's row range lies outside x.
-bool merge_tensor(const torch::Tensor& x, const torch::Tensor& out, const std::vector<MergeStep>& steps,
-                  torch::Device device = torch::kCPU);
-
-// The JSON recorded under the output metadata key "lycoris_merge" (exposed for tests).
-std::string merge_record(const std::vector<MergeInput>& adapters, const std::optional<torch::ScalarType>& dtype,
-                         const std::string& previous);
-
 }  // namespace lycoris::tools
