@@ -9,19 +9,15 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <cmath>
-#include <condition_variable>
 #include <cstring>
-#include <exception>
-#include <mutex>
-#include <optional>
-#include <thread>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
 
+#include "exec/threads.hpp"
+#include "exec/worker_pool.hpp"
 #include "lycoris/algorithms.hpp"
 #include "lycoris/error.hpp"
 #include "lycoris/functional/common.hpp"
@@ -29,7 +25,6 @@
 #include "lycoris/io/output_path.hpp"
 #include "lycoris/io/safetensors.hpp"
 #include "lycoris/naming.hpp"
-#include "single_threaded_blas.hpp"
 #include "tool_checks.hpp"
 
 namespace lycoris::tools {
@@ -761,62 +756,23 @@ ExtractReport extract(const std::string& base_path, const std::string& tuned_pat
   // across threads; independent layers do.
   const int workers = static_cast<int>(
       std::clamp<int64_t>(o.threads > 0 ? o.threads : at::get_num_threads(), 1, std::max<size_t>(layers.size(), 1)));
-  const int saved_threads = at::get_num_threads();
-  at::set_num_threads(1);
-  SingleThreadedBlas blas;  // layer-parallel workers: each BLAS call in its caller's thread
-  std::vector<std::optional<LayerOutcome>> results(layers.size());
-  std::vector<std::exception_ptr> failures(layers.size());
-  std::mutex mu;
-  std::condition_variable ready;
-  std::atomic<size_t> next{0};
-  std::atomic<bool> stop{false};
-  auto work = [&] {
-    torch::NoGradGuard no_grad;
-    Workspace ws;
-    for (size_t i; !stop && (i = next++) < layers.size();) {
-      std::optional<LayerOutcome> r;
-      std::exception_ptr failure;
-      try {
-        try {
-          r = process_layer(layers[i], base, tuned, o, ws);
-        } catch (...) {
-          rethrow_with_context({tuned.path(), base.path()}, "layer " + layers[i].weight_key);
-        }
-      } catch (...) {
-        failure = std::current_exception();
-      }
-      std::lock_guard<std::mutex> lock(mu);
-      results[i] = std::move(r);
-      failures[i] = failure;
-      ready.notify_all();
+  exec::IntraOpThreads one_thread(1);
+  exec::SingleThreadedBlas blas;  // layer-parallel workers: each BLAS call in its caller's thread
+  std::vector<Workspace> workspaces(static_cast<size_t>(workers));
+  exec::OrderedMap<LayerOutcome> results(layers.size(), workers, [&](size_t i, int worker) -> LayerOutcome {
+    try {
+      return process_layer(layers[i], base, tuned, o, workspaces[static_cast<size_t>(worker)]);
+    } catch (...) {
+      rethrow_with_context({tuned.path(), base.path()}, "layer " + layers[i].weight_key);
     }
-  };
-  std::vector<std::thread> pool;
-  struct Joiner {  // on every exit path: stop the workers, join them, restore the thread counts
-    std::vector<std::thread>& pool;
-    std::atomic<bool>& stop;
-    int threads;
-    ~Joiner() {
-      stop = true;
-      for (auto& t : pool) t.join();
-      if (at::get_num_threads() != threads) at::set_num_threads(threads);
-    }
-  } joiner{pool, stop, saved_threads};
-  for (int w = 0; w < workers; ++w) pool.emplace_back(work);
+  });
 
   ExtractReport report;
   std::vector<Entry> entries;
   std::set<std::string> names;
   double err2 = 0, norm2 = 0;
   for (size_t i = 0; i < layers.size(); ++i) {
-    LayerOutcome r;
-    {
-      std::unique_lock<std::mutex> lock(mu);
-      ready.wait(lock, [&] { return results[i].has_value() || failures[i]; });
-      if (failures[i]) std::rethrow_exception(failures[i]);
-      r = std::move(*results[i]);
-      results[i].reset();
-    }
+    LayerOutcome r = results.take(i);
     if (r.kind == LayerOutcome::Unchanged) {
       ++report.unchanged;
       continue;
