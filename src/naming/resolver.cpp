@@ -1,5 +1,5 @@
 // Naming rules and the name → base layer resolver (see include/lycoris/naming.hpp). The diffusers ↔ ldm
-// and OpenCLIP ↔ HF tables live in src/naming/*.cpp.
+// and OpenCLIP ↔ HF tables live in tables.cpp.
 #include "lycoris/naming.hpp"
 
 #include <algorithm>
