@@ -14,6 +14,11 @@
 //               transformer.<HF path> (lora_te1_), conditioner.embedders.1.model.<OpenCLIP path> (lora_te2_)
 // OpenCLIP stores q/k/v fused in `attn.in_proj_weight` (3d, d): the HF q_proj/k_proj/v_proj names resolve
 // to row blocks 0/1/2 of it (BaseLayer::part/parts).
+//
+// Adapter files name a module after the model part ("component") it belongs to: "model" (a generic model;
+// in LyCORIS files also the U-Net or transformer), "unet", "transformer", "te", "te1", "te2", "te3".
+//   lycoris, kohya  "<prefix>_<path with . → _>", the prefix given by the component (module_prefixes())
+//   peft            "<component prefix><dotted path>.<suffix>" (peft_prefixes(), peft_suffixes())
 #pragma once
 #include <functional>
 #include <optional>
@@ -26,8 +31,40 @@ namespace lycoris::naming {
 
 // "<prefix>_<path with . → _>"; the root module (empty path) gives "<prefix>_".
 std::string module_name(const std::string& prefix, const std::string& path);
+// The path with . → _ (what follows the prefix in a module name).
+std::string underscored(std::string path);
 // Prefixes the reference and kohya write: lycoris, lora_unet, lora_te, lora_te1, lora_te2, lora_te3.
 const std::vector<std::string>& known_prefixes();
+
+// ---- adapter file namings
+
+enum class AdapterFormat { Lycoris, Kohya, Peft };
+// "lycoris" | "kohya" | "peft" (or "diffusers"); OptionError otherwise.
+AdapterFormat parse_adapter_format(const std::string& s);
+const char* to_string(AdapterFormat f);
+
+// The LyCORIS/kohya module prefixes (known_prefixes(), same order) and their components.
+const std::vector<std::pair<std::string, std::string>>& module_prefixes();
+// The prefix a component gets in a LyCORIS/kohya name ("lycoris", "lora_unet", "lora_te1", …); OptionError
+// for an unknown component.
+std::string component_prefix(const std::string& component, AdapterFormat format);
+// The component of a LyCORIS/kohya module name and the rest after "<prefix>_"; {"", name} without a known
+// prefix.
+std::pair<std::string, std::string> split_module_name(const std::string& name);
+
+// PEFT/diffusers key prefixes and their components: "base_model.model." (model), "unet.", "transformer.",
+// "text_encoder_2." (te2), "text_encoder_3." (te3), "text_encoder." (te).
+const std::vector<std::pair<std::string, std::string>>& peft_prefixes();
+// The component of a PEFT/diffusers key or dotted path and the rest after its prefix; {"", path} without
+// one. "text_encoder." is te1 when the same file also has "text_encoder_2." (SDXL), else te.
+std::pair<std::string, std::string> split_peft_path(const std::string& path, bool has_te2);
+// The key prefix of a component ("base_model.model.", "unet.", "text_encoder.", …).
+const std::string& peft_component_prefix(const std::string& component);
+// PEFT/diffusers tensor suffix → LyCORIS suffix, longest first ("lora_A.weight" → "lora_down.weight").
+const std::vector<std::pair<std::string, std::string>>& peft_suffixes();
+// Whether a key ends in a suffix only PEFT/diffusers files use (lora_A/lora_B, lora.down/lora.up,
+// lora_magnitude_vector).
+bool peft_only_suffix(const std::string& key);
 
 // A layer of a base checkpoint: a key "<path>.weight" (the root layer's key is plain "weight"), or a row
 // block of a fused tensor (OpenCLIP `attn.in_proj_weight`: path "<…>.attn.in_proj").

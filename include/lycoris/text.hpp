@@ -16,4 +16,9 @@ std::string escape_control(std::string_view text);
 // The items separated by `sep`; past `max_items`, "<sep>… and N more".
 std::string join(const std::vector<std::string>& items, const std::string& sep, size_t max_items = SIZE_MAX);
 
+inline bool starts_with(std::string_view s, std::string_view prefix) { return s.substr(0, prefix.size()) == prefix; }
+inline bool ends_with(std::string_view s, std::string_view suffix) {
+  return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
+}
+
 }  // namespace lycoris

@@ -6,27 +6,18 @@
 #include <unordered_set>
 
 #include "lycoris/error.hpp"
+#include "lycoris/text.hpp"
 
 namespace lycoris::naming {
 
-std::string module_name(const std::string& prefix, const std::string& path) {
-  std::string p = path;
-  std::replace(p.begin(), p.end(), '.', '_');
-  return prefix + "_" + p;
+std::string underscored(std::string path) {
+  std::replace(path.begin(), path.end(), '.', '_');
+  return path;
 }
 
-const std::vector<std::string>& known_prefixes() {
-  static const std::vector<std::string> prefixes = {"lycoris", "lora_unet", "lora_te", "lora_te1", "lora_te2",
-                                                    "lora_te3"};
-  return prefixes;
-}
+std::string module_name(const std::string& prefix, const std::string& path) { return prefix + "_" + underscored(path); }
 
 namespace {
-
-bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
-bool ends_with(const std::string& s, const std::string& p) {
-  return s.size() >= p.size() && s.compare(s.size() - p.size(), p.size(), p) == 0;
-}
 
 // Checkpoint key prefixes of the original (ldm/sgm) layout.
 const char* const kUNet = "model.diffusion_model.";
@@ -111,29 +102,25 @@ Dialect standalone_dialect() {
           }};
 }
 
-// Diffusers pipelines saved as one file: component prefixes name the model part.
+// Diffusers pipelines saved as one file: the PEFT/diffusers component prefixes name the model part, whose
+// modules kohya and LyCORIS name lora_unet_/lycoris_ (U-Net, transformer) and lora_te*_ (text encoders;
+// a lone text encoder also as SDXL's first).
 Dialect diffusers_dialect() {
   return {"diffusers", [](const std::vector<BaseLayer>& layers, const Emit& emit) {
             bool has_te2 = false;
-            for (const auto& l : layers) has_te2 |= starts_with(l.path, "text_encoder_2.");
-            static const std::vector<std::pair<std::string, std::vector<std::string>>> parts = {
-                {"unet.", {"lora_unet", "lycoris"}},
-                {"transformer.", {"lora_unet", "lycoris"}},
-                {"text_encoder_2.", {"lora_te2"}},
-                {"text_encoder_3.", {"lora_te3"}},
-            };
+            for (const auto& l : layers) has_te2 |= starts_with(l.path, peft_component_prefix("te2"));
             for (const auto& layer : layers) {
               if (!is_whole(layer)) continue;
-              auto put = [&](const std::string& rest, const std::vector<std::string>& prefixes) {
-                for (const auto& p : prefixes) emit({module_name(p, rest), layer, "diffusers", p, rest});
-              };
-              if (starts_with(layer.path, "text_encoder.")) {
-                const auto rest = layer.path.substr(13);
-                put(rest, has_te2 ? std::vector<std::string>{"lora_te1"} : std::vector<std::string>{"lora_te", "lora_te1"});
-                continue;
-              }
-              for (const auto& [p, prefixes] : parts)
-                if (starts_with(layer.path, p)) put(layer.path.substr(p.size()), prefixes);
+              const auto [component, rest] = split_peft_path(layer.path, has_te2);
+              std::vector<std::string> prefixes;
+              if (component == "unet" || component == "transformer")
+                prefixes = {component_prefix(component, AdapterFormat::Kohya),
+                            component_prefix(component, AdapterFormat::Lycoris)};
+              else if (component == "te")
+                prefixes = {component_prefix("te", AdapterFormat::Kohya), component_prefix("te1", AdapterFormat::Kohya)};
+              else if (component == "te1" || component == "te2" || component == "te3")
+                prefixes = {component_prefix(component, AdapterFormat::Kohya)};
+              for (const auto& p : prefixes) emit({module_name(p, rest), layer, "diffusers", p, rest});
             }
           }};
 }

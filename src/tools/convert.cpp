@@ -16,86 +16,14 @@
 #include "lycoris/io/output_path.hpp"
 #include "lycoris/functional/common.hpp"
 #include "lycoris/io/safetensors.hpp"
+#include "lycoris/text.hpp"
 #include "lycoris/version.hpp"
 
 namespace lycoris::tools {
 
 namespace F = functional;
 
-AdapterFormat parse_adapter_format(const std::string& s) {
-  if (s == "lycoris") return AdapterFormat::Lycoris;
-  if (s == "kohya") return AdapterFormat::Kohya;
-  if (s == "peft" || s == "diffusers") return AdapterFormat::Peft;
-  throw OptionError("unknown adapter format '" + s + "' (lycoris, kohya, peft)");
-}
-
-const char* to_string(AdapterFormat f) {
-  switch (f) {
-    case AdapterFormat::Lycoris: return "lycoris";
-    case AdapterFormat::Kohya: return "kohya";
-    case AdapterFormat::Peft: return "peft";
-  }
-  return "?";
-}
-
 namespace {
-
-bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
-bool ends_with(const std::string& s, const std::string& p) {
-  return s.size() >= p.size() && s.compare(s.size() - p.size(), p.size(), p) == 0;
-}
-
-std::string dots_to_underscores(std::string p) {
-  std::replace(p.begin(), p.end(), '.', '_');
-  return p;
-}
-
-// LyCORIS/kohya module prefixes → component.
-const std::vector<std::pair<std::string, std::string>>& lycoris_prefixes() {
-  static const std::vector<std::pair<std::string, std::string>> p = {
-      {"lycoris", "model"}, {"lora_unet", "unet"}, {"lora_te1", "te1"}, {"lora_te2", "te2"},
-      {"lora_te3", "te3"},  {"lora_te", "te"},
-  };
-  return p;
-}
-
-// PEFT/diffusers key prefixes → component (longest first).
-const std::vector<std::pair<std::string, std::string>>& peft_prefixes() {
-  static const std::vector<std::pair<std::string, std::string>> p = {
-      {"base_model.model.", "model"}, {"unet.", "unet"},           {"transformer.", "transformer"},
-      {"text_encoder_2.", "te2"},     {"text_encoder_3.", "te3"}, {"text_encoder.", "te"},
-  };
-  return p;
-}
-
-// PEFT/diffusers tensor suffix → LyCORIS suffix (longest first so "lora_A.default.weight" wins).
-const std::vector<std::pair<std::string, std::string>>& peft_suffixes() {
-  static const std::vector<std::pair<std::string, std::string>> s = [] {
-    std::vector<std::pair<std::string, std::string>> v = {
-        {"lora_A.default.weight", "lora_down.weight"}, {"lora_B.default.weight", "lora_up.weight"},
-        {"lora_magnitude_vector.weight", "dora_scale"}, {"lora_magnitude_vector", "dora_scale"},
-        {"lora_A.weight", "lora_down.weight"},         {"lora_B.weight", "lora_up.weight"},
-        {"lora.down.weight", "lora_down.weight"},      {"lora.up.weight", "lora_up.weight"},
-        {"lora_down.weight", "lora_down.weight"},      {"lora_up.weight", "lora_up.weight"},
-        {"alpha", "alpha"},
-    };
-    for (const char* k : {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1",
-                          "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"})
-      v.emplace_back(k, k);
-    std::stable_sort(v.begin(), v.end(), [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
-    return v;
-  }();
-  return s;
-}
-
-// Suffixes only PEFT/diffusers files use.
-bool peft_only_suffix(const std::string& key) {
-  for (const char* s : {".lora_A.weight", ".lora_B.weight", ".lora_A.default.weight", ".lora_B.default.weight",
-                        ".lora.down.weight", ".lora.up.weight", ".lora_magnitude_vector",
-                        ".lora_magnitude_vector.weight"})
-    if (ends_with(key, s)) return true;
-  return false;
-}
 
 const std::set<std::string>& sparse_bias_suffixes() {
   static const std::set<std::string> s = {"bias_indices", "bias_values", "bias_size"};
@@ -112,12 +40,12 @@ const std::set<std::string>& lycoris_suffixes() {
 }
 
 bool is_peft_key(const std::string& key) {
-  if (peft_only_suffix(key)) return true;
-  for (const auto& [p, c] : peft_prefixes())
+  if (naming::peft_only_suffix(key)) return true;
+  for (const auto& [p, c] : naming::peft_prefixes())
     if (starts_with(key, p)) return true;
   const auto dot = key.find('.');
   // "lora_unet_…", "lycoris_…": a LyCORIS/kohya module, whatever its suffix
-  for (const auto& [p, c] : lycoris_prefixes())
+  for (const auto& [p, c] : naming::module_prefixes())
     if (starts_with(key, p + "_") && (dot == std::string::npos || dot > p.size() + 1)) return false;
   // a bare dotted path ("down_blocks.0.….hada_w1_a"): the text after the first '.' is no LyCORIS suffix
   return dot != std::string::npos && !lycoris_suffixes().count(key.substr(dot + 1));
@@ -224,21 +152,6 @@ void finish_peft_module(NamedModule& m, const PeftConfig& cfg, AdapterContents& 
 
 }  // namespace
 
-std::string component_prefix(const std::string& component, AdapterFormat format) {
-  if (component == "te") return "lora_te";
-  if (component == "te1" || component == "te2" || component == "te3") return "lora_" + component;
-  if (component == "model" || component == "unet" || component == "transformer")
-    return format == AdapterFormat::Lycoris ? "lycoris" : "lora_unet";
-  throw OptionError("unknown module component '" + component + "'");
-}
-
-std::pair<std::string, std::string> split_module_name(const std::string& name) {
-  for (const auto& [p, c] : lycoris_prefixes())
-    if (name.size() > p.size() && starts_with(name, p + "_")) return {c, name.substr(p.size() + 1)};
-  if (name == "lycoris_") return {"model", ""};
-  return {"", name};
-}
-
 AdapterContents read_adapter(const std::string& path) {
   const auto file = io::SafetensorsFile::open(path);
   AdapterContents out;
@@ -261,10 +174,10 @@ AdapterContents read_adapter(const std::string& path) {
     out.format = AdapterFormat::Peft;
     const PeftConfig cfg = read_peft_config(path);
     bool has_te2 = false;
-    for (const auto& info : file.tensors()) has_te2 |= starts_with(info.name, "text_encoder_2.");
+    for (const auto& info : file.tensors()) has_te2 |= starts_with(info.name, naming::peft_component_prefix("te2"));
     for (const auto& info : file.tensors()) {
       std::string module, suffix;
-      for (const auto& [ps, ls] : peft_suffixes())
+      for (const auto& [ps, ls] : naming::peft_suffixes())
         if (ends_with(info.name, "." + ps)) {
           module = info.name.substr(0, info.name.size() - ps.size() - 1);
           suffix = ls;
@@ -276,15 +189,9 @@ AdapterContents read_adapter(const std::string& path) {
       auto& m = modules[module];
       if (m.name.empty()) {
         m.name = module;
-        m.component = "model";
-        m.path = module;
-        for (const auto& [p, c] : peft_prefixes())
-          if (starts_with(module, p)) {
-            m.component = (c == "te" && has_te2) ? "te1" : c;
-            m.path = module.substr(p.size());
-            break;
-          }
-        m.underscored = dots_to_underscores(m.path);
+        std::tie(m.component, m.path) = naming::split_peft_path(module, has_te2);
+        if (m.component.empty()) m.component = "model";
+        m.underscored = naming::underscored(m.path);
       }
       if (m.tensors.count(suffix)) throw FormatError(path + ": module '" + module + "' has two '" + suffix + "' tensors");
       m.tensors[suffix] = file.tensor(info.name);
@@ -297,7 +204,7 @@ AdapterContents read_adapter(const std::string& path) {
     for (auto& [name, tensors] : group_modules(file, &out.stray_keys)) {
       auto& m = modules[name];
       m.name = name;
-      std::tie(m.component, m.underscored) = split_module_name(name);
+      std::tie(m.component, m.underscored) = naming::split_module_name(name);
       lycoris |= m.component == "model";
       m.tensors = std::move(tensors);
     }
@@ -366,14 +273,6 @@ void fill_paths(AdapterContents& in, const ConvertOptions& o, ConvertReport& rep
         if (auto d = table->to_diffusers(m.path)) m.path = *d;
 }
 
-const std::string& peft_component_prefix(const std::string& component) {
-  static const std::map<std::string, std::string> p = {
-      {"model", "base_model.model."}, {"unet", "unet."},   {"transformer", "transformer."},   {"te", "text_encoder."},
-      {"te1", "text_encoder."},       {"te2", "text_encoder_2."}, {"te3", "text_encoder_3."},
-  };
-  return p.at(component);
-}
-
 // Why PEFT cannot express a module ("" = it can).
 std::string peft_refusal(const Algorithm* algo, const TensorMap& t) {
   if (!algo) return "no known algorithm";
@@ -419,7 +318,7 @@ ConvertReport convert(const std::string& input, const std::string& output, const
   torch::NoGradGuard no_grad;
   for (auto& m : in.modules) {
     if (o.to != AdapterFormat::Peft) {
-      const auto name = naming::module_name(component_prefix(m.component, o.to), m.path.empty() ? m.underscored : m.path);
+      const auto name = naming::module_name(naming::component_prefix(m.component, o.to), m.path.empty() ? m.underscored : m.path);
       for (const auto& [suffix, t] : m.tensors) tensors.emplace_back(name + "." + suffix, t);
       continue;
     }
@@ -429,7 +328,7 @@ ConvertReport convert(const std::string& input, const std::string& output, const
       continue;
     }
     const double s = lycoris_scale(*algo, m.name, m.tensors);
-    const std::string base = peft_component_prefix(m.component) + m.path + ".";
+    const std::string base = naming::peft_component_prefix(m.component) + m.path + ".";
     const char* fold = fold_key(algo->name, m.tensors);
     if (s != 1.0) ++report.folded;
     const auto down = m.tensors.count("lora_down.weight") ? m.tensors.at("lora_down.weight") : torch::Tensor();

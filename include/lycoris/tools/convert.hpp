@@ -28,10 +28,10 @@
 
 namespace lycoris::tools {
 
-enum class AdapterFormat { Lycoris, Kohya, Peft };
-// "lycoris" | "kohya" | "peft"; OptionError otherwise.
-AdapterFormat parse_adapter_format(const std::string& s);
-const char* to_string(AdapterFormat f);
+// The namings themselves live with the other naming rules.
+using naming::AdapterFormat;
+using naming::parse_adapter_format;
+using naming::to_string;
 
 // One module of an adapter file, independent of its naming.
 struct NamedModule {
@@ -56,10 +56,8 @@ struct AdapterContents {
 // mixing LyCORIS and PEFT names or a PEFT key with an unknown suffix.
 AdapterContents read_adapter(const std::string& path);
 
-// The prefix a component gets in a LyCORIS/kohya name ("lycoris", "lora_unet", "lora_te1", …).
-std::string component_prefix(const std::string& component, AdapterFormat format);
-// The component of a LyCORIS/kohya module name (longest known prefix) and the rest after "<prefix>_".
-std::pair<std::string, std::string> split_module_name(const std::string& name);
+using naming::component_prefix;
+using naming::split_module_name;
 
 struct ConvertOptions {
   AdapterFormat to = AdapterFormat::Lycoris;
