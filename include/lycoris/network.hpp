@@ -54,6 +54,7 @@
 #include <vector>
 
 #include "lycoris/adapter.hpp"
+#include "lycoris/host_layer.hpp"
 #include "lycoris/layer.hpp"
 #include "lycoris/options.hpp"
 #include "lycoris/preset.hpp"
@@ -80,6 +81,7 @@ struct NetworkModule {
   LayerSpec layer;                            // the host layer as the adapter sees it
   std::shared_ptr<torch::nn::Module> host;    // the host layer
   AdapterPtr adapter;
+  HostLayerPtr view;                          // how the network binds into the host layer (from `host` if unset)
 };
 
 

@@ -1,7 +1,8 @@
-// Rebuild-mode binding of adapters into unmodified torch layers (network.hpp, docs/training.md#stacking).
+// Rebuild-mode binding of adapters into host layers, reached through their HostLayer view (network.hpp,
+// docs/training.md#stacking).
 //
 // Each bound layer has one Binding: its original parameters W0/b0 (the registered ones, frozen while
-// bound) and the ordered list of attached adapters (one per network). The layer's `weight` member is set to
+// bound) and the ordered list of attached adapters (one per network). The layer's forward weight is set to
 //   W' = W0 + Σ_i (W_i − W0),  W_i = adapter_i.apply_weight(W0, m_i)   (one adapter: W' = W_1 exactly)
 // and likewise the bias when some adapter changes it. The last adapter out assigns W0/b0 back.
 #include <torch/torch.h>
@@ -34,8 +35,7 @@ struct Entry {
 };
 
 struct Binding {
-  torch::Tensor* wm = nullptr;
-  torch::Tensor* bm = nullptr;
+  HostLayerPtr layer;  // the view of the first network bound here
   torch::Tensor W0, b0;
   bool w_rg = false, b_rg = false;  // requires_grad of W0/b0 before binding
   std::vector<Entry> entries;
@@ -46,8 +46,9 @@ std::mutex& registry_mutex() {
   return m;
 }
 
-std::unordered_map<const torch::nn::Module*, std::shared_ptr<Binding>>& registry() {
-  static std::unordered_map<const torch::nn::Module*, std::shared_ptr<Binding>> r;
+// keyed by HostLayer::identity()
+std::unordered_map<const void*, std::shared_ptr<Binding>>& registry() {
+  static std::unordered_map<const void*, std::shared_ptr<Binding>> r;
   return r;
 }
 
@@ -104,51 +105,33 @@ void rebind(Binding& b) {
     if ((e.W.defined() && e.W.requires_grad()) || (e.b.defined() && e.b.requires_grad())) snaps.push_back(e.snapshot);
   guard(W, snaps);
   if (!B.is_same(b.b0)) guard(B, snaps);
-  *b.wm = W;
-  *b.bm = B;
+  b.layer->bind(W, B);
 }
 
-std::shared_ptr<Binding> find_binding(const torch::nn::Module& host) {
-  auto it = registry().find(&host);
+std::shared_ptr<Binding> find_binding(const HostLayer& layer) {
+  auto it = registry().find(layer.identity());
   return it == registry().end() ? nullptr : it->second;
 }
 
 }  // namespace
 
-torch::Tensor* weight_member(torch::nn::Module& host) {
-  if (auto* l = dynamic_cast<torch::nn::LinearImpl*>(&host)) return &l->weight;
-  if (auto* c = dynamic_cast<torch::nn::Conv1dImpl*>(&host)) return &c->weight;
-  if (auto* c = dynamic_cast<torch::nn::Conv2dImpl*>(&host)) return &c->weight;
-  if (auto* c = dynamic_cast<torch::nn::Conv3dImpl*>(&host)) return &c->weight;
-  if (auto* n = dynamic_cast<torch::nn::LayerNormImpl*>(&host)) return &n->weight;
-  if (auto* n = dynamic_cast<torch::nn::GroupNormImpl*>(&host)) return &n->weight;
-  return nullptr;
-}
-
-torch::Tensor* bias_member(torch::nn::Module& host) {
-  if (auto* l = dynamic_cast<torch::nn::LinearImpl*>(&host)) return &l->bias;
-  if (auto* c = dynamic_cast<torch::nn::Conv1dImpl*>(&host)) return &c->bias;
-  if (auto* c = dynamic_cast<torch::nn::Conv2dImpl*>(&host)) return &c->bias;
-  if (auto* c = dynamic_cast<torch::nn::Conv3dImpl*>(&host)) return &c->bias;
-  if (auto* n = dynamic_cast<torch::nn::LayerNormImpl*>(&host)) return &n->bias;
-  if (auto* n = dynamic_cast<torch::nn::GroupNormImpl*>(&host)) return &n->bias;
-  return nullptr;
+const HostLayer& adaptable_layer(const NetworkModule& m) {
+  if (!m.view || !m.view->weight().defined())
+    throw OptionError(m.name + ": layer '" + m.path + "' has no weight to adapt");
+  return *m.view;
 }
 
 void bind(const NetworkModule& m, const void* owner, std::shared_ptr<const double> multiplier) {
+  adaptable_layer(m);
   std::lock_guard<std::mutex> lock(registry_mutex());
-  auto& slot = registry()[m.host.get()];
+  const void* key = m.view->identity();
+  auto& slot = registry()[key];
   const bool fresh = !slot;
   if (fresh) {
     auto b = std::make_shared<Binding>();
-    b->wm = weight_member(*m.host);
-    b->bm = bias_member(*m.host);
-    if (!b->wm || !b->wm->defined()) {
-      registry().erase(m.host.get());
-      throw OptionError(m.name + ": layer '" + m.path + "' has no weight to adapt");
-    }
-    b->W0 = *b->wm;
-    b->b0 = *b->bm;
+    b->layer = m.view;
+    b->W0 = m.view->weight();
+    b->b0 = m.view->bias();
     b->w_rg = b->W0.requires_grad();
     b->b_rg = b->b0.defined() && b->b0.requires_grad();
     slot = b;
@@ -164,7 +147,7 @@ void bind(const NetworkModule& m, const void* owner, std::shared_ptr<const doubl
     if (fresh) {
       b.W0.requires_grad_(b.w_rg);
       if (b.b0.defined()) b.b0.requires_grad_(b.b_rg);
-      registry().erase(m.host.get());
+      registry().erase(key);
     }
     throw;
   }
@@ -174,9 +157,9 @@ void bind(const NetworkModule& m, const void* owner, std::shared_ptr<const doubl
   rebind(b);
 }
 
-void unbind(const torch::nn::Module& host, const void* owner) {
+void unbind(const HostLayer& layer, const void* owner) {
   std::lock_guard<std::mutex> lock(registry_mutex());
-  auto b = find_binding(host);
+  auto b = find_binding(layer);
   if (!b) return;
   auto& list = b->entries;
   const auto before = list.size();
@@ -186,16 +169,15 @@ void unbind(const torch::nn::Module& host, const void* owner) {
     rebind(*b);
     return;
   }
-  *b->wm = b->W0;
-  *b->bm = b->b0;
+  b->layer->restore(b->W0, b->b0);
   b->W0.requires_grad_(b->w_rg);
   if (b->b0.defined()) b->b0.requires_grad_(b->b_rg);
-  registry().erase(&host);
+  registry().erase(layer.identity());
 }
 
-void recompute(const torch::nn::Module& host, const void* owner) {
+void recompute(const HostLayer& layer, const void* owner) {
   std::lock_guard<std::mutex> lock(registry_mutex());
-  auto b = find_binding(host);
+  auto b = find_binding(layer);
   if (!b) return;
   bool any = false;
   for (auto& e : b->entries)
@@ -206,28 +188,25 @@ void recompute(const torch::nn::Module& host, const void* owner) {
   if (any) rebind(*b);
 }
 
-void recompute_all(const torch::nn::Module& host) {
+void recompute_all(const HostLayer& layer) {
   std::lock_guard<std::mutex> lock(registry_mutex());
-  auto b = find_binding(host);
+  auto b = find_binding(layer);
   if (!b) return;
   for (auto& e : b->entries) compute(*b, e);
   rebind(*b);
 }
 
-std::pair<torch::Tensor, torch::Tensor> base_weights(torch::nn::Module& host) {
+std::pair<torch::Tensor, torch::Tensor> base_weights(const HostLayer& layer) {
   {
     std::lock_guard<std::mutex> lock(registry_mutex());
-    if (auto b = find_binding(host)) return {b->W0, b->b0};
+    if (auto b = find_binding(layer)) return {b->W0, b->b0};
   }
-  auto* w = weight_member(host);
-  auto* bias = bias_member(host);
-  return {w ? *w : torch::Tensor(), bias ? *bias : torch::Tensor()};
+  return {layer.weight(), layer.bias()};
 }
 
-void set_base_bias(torch::nn::Module& host, const torch::Tensor& bias) {
+void set_base_bias(const HostLayer& layer, const torch::Tensor& bias) {
   std::lock_guard<std::mutex> lock(registry_mutex());
-  if (auto b = find_binding(host)) b->b0 = bias;
-  if (auto* m = bias_member(host)) *m = bias;
+  if (auto b = find_binding(layer)) b->b0 = bias;
 }
 
 }  // namespace lycoris::detail

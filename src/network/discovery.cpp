@@ -2,109 +2,13 @@
 #include <torch/torch.h>
 
 #include <set>
-#include <unordered_set>
 
 #include "internal.hpp"
 #include "lycoris/algorithms.hpp"
 #include "lycoris/error.hpp"
 #include "lycoris/naming.hpp"
 
-namespace lycoris {
-
-std::string module_type_name(const std::string& demangled) {
-  // strip the namespace (the last "::" outside template arguments), then a trailing "Impl"
-  int depth = 0;
-  size_t start = 0;
-  for (size_t i = 0; i + 1 < demangled.size(); ++i) {
-    const char c = demangled[i];
-    if (c == '<') ++depth;
-    if (c == '>') --depth;
-    if (depth == 0 && c == ':' && demangled[i + 1] == ':') start = i + 2;
-  }
-  std::string name = demangled.substr(start);
-  if (name.size() > 4 && name.compare(name.size() - 4, 4, "Impl") == 0) name.resize(name.size() - 4);
-  return name;
-}
-
-std::vector<std::pair<std::string, std::shared_ptr<torch::nn::Module>>> named_modules_preorder(
-    const std::shared_ptr<torch::nn::Module>& model) {
-  std::vector<std::pair<std::string, std::shared_ptr<torch::nn::Module>>> out;
-  std::unordered_set<const torch::nn::Module*> seen;
-  std::function<void(const std::string&, const std::shared_ptr<torch::nn::Module>&)> visit =
-      [&](const std::string& path, const std::shared_ptr<torch::nn::Module>& m) {
-        if (!seen.insert(m.get()).second) return;
-        out.emplace_back(path, m);
-        for (const auto& child : m->named_children())
-          visit(path.empty() ? child.key() : path + "." + child.key(), child.value());
-      };
-  visit("", model);
-  return out;
-}
-
-namespace {
-
-template <typename Array>
-std::vector<int64_t> to_vec(const Array& a) {
-  return std::vector<int64_t>(a->begin(), a->end());
-}
-
-template <size_t D, typename Impl>
-bool conv_spec(const torch::nn::Module& module, LayerSpec& out, std::string* why) {
-  const auto* conv = dynamic_cast<const Impl*>(&module);
-  if (!conv) return false;
-  const auto& o = conv->options;
-  auto kernel = to_vec(o.kernel_size()), dilation = to_vec(o.dilation());
-  std::vector<int64_t> padding;
-  if (const auto* p = c10::get_if<torch::ExpandingArray<D>>(&o.padding())) {
-    padding = to_vec(*p);
-  } else if (c10::get_if<torch::enumtype::kValid>(&o.padding())) {
-    padding.assign(D, 0);
-  } else {  // "same": symmetric only when dilation·(k−1) is even
-    for (size_t i = 0; i < D; ++i) {
-      const int64_t total = dilation[i] * (kernel[i] - 1);
-      if (total % 2) {
-        if (why) *why = module.name() + " with padding 'same' and an even kernel (asymmetric padding)";
-        return false;
-      }
-      padding.push_back(total / 2);
-    }
-  }
-  out = LayerSpec::conv(o.in_channels(), o.out_channels(), kernel, to_vec(o.stride()), padding, dilation, o.groups(),
-                        conv->bias.defined());
-  return true;
-}
-
-}  // namespace
-
-bool layer_spec_of(const torch::nn::Module& module, LayerSpec& out, std::string* why) {
-  if (const auto* l = dynamic_cast<const torch::nn::LinearImpl*>(&module)) {
-    out = LayerSpec::linear(l->options.in_features(), l->options.out_features(), l->bias.defined());
-    return true;
-  }
-  if (conv_spec<1, torch::nn::Conv1dImpl>(module, out, why) || conv_spec<2, torch::nn::Conv2dImpl>(module, out, why) ||
-      conv_spec<3, torch::nn::Conv3dImpl>(module, out, why))
-    return true;
-  if (const auto* n = dynamic_cast<const torch::nn::LayerNormImpl*>(&module)) {
-    if (!n->options.elementwise_affine() || n->options.normalized_shape().size() != 1) {
-      if (why) *why = "LayerNorm without elementwise affine weights over exactly one axis";
-      return false;
-    }
-    out = LayerSpec::layer_norm(n->options.normalized_shape()[0], n->options.eps(), n->bias.defined());
-    return true;
-  }
-  if (const auto* g = dynamic_cast<const torch::nn::GroupNormImpl*>(&module)) {
-    if (!g->options.affine()) {
-      if (why) *why = "GroupNorm without affine weights";
-      return false;
-    }
-    out = LayerSpec::group_norm(g->options.num_groups(), g->options.num_channels(), g->options.eps(),
-                                g->bias.defined());
-    return true;
-  }
-  return false;
-}
-
-namespace detail {
+namespace lycoris::detail {
 
 namespace {
 
@@ -131,10 +35,10 @@ class Discovery {
     find_algorithm(algo_);  // unknown algorithm: OptionError before anything is created
   }
 
-  std::vector<NetworkModule> run(const std::shared_ptr<torch::nn::Module>& model) {
-    for (const auto& [path, layer] : named_modules_preorder(model)) {
+  std::vector<NetworkModule> run(const HostModulePtr& model) {
+    for (const auto& [path, layer] : preorder(model)) {
       if (excluded(path)) continue;
-      const std::string cls = module_type_name(layer->name());
+      const std::string cls = layer->type_name();
       const bool class_target = std::find(tm_.begin(), tm_.end(), cls) != tm_.end();
       const bool name_target = matches_any(tn_, path);
       if (class_target && !name_target) {
@@ -165,12 +69,12 @@ class Discovery {
   }
 
   // Every layer inside a class target (root included); nested module_algo_map classes start their own walk.
-  void walk(const std::string& root_path, const std::shared_ptr<torch::nn::Module>& root, const std::string& algo,
+  void walk(const std::string& root_path, const HostModulePtr& root, const std::string& algo,
             const ModuleOverride& cfg) {
-    for (const auto& [sub, layer] : named_modules_preorder(root)) {
+    for (const auto& [sub, layer] : preorder(root)) {
       const std::string path = sub.empty() ? root_path : root_path.empty() ? sub : root_path + "." + sub;
       if (!sub.empty()) {
-        if (const auto* nested = find_entry(p_.module_algo_map, module_type_name(layer->name()))) {
+        if (const auto* nested = find_entry(p_.module_algo_map, layer->type_name())) {
           walk(path, layer, nested->algo().empty() ? algo : nested->algo(), *nested);
           continue;
         }
@@ -186,14 +90,15 @@ class Discovery {
     }
   }
 
-  void create_single(const std::string& path, const std::shared_ptr<torch::nn::Module>& layer, const std::string& algo,
+  void create_single(const std::string& path, const HostModulePtr& module, const std::string& algo,
                      const ModuleOverride& cfg) {
     const std::string name = naming::module_name(p_.lora_prefix, path);
     if (names_.count(name)) return;
-    const std::string cls = module_type_name(layer->name());
-    LayerSpec spec;
+    const std::string cls = module->type_name();
     std::string why;
-    const bool supported = layer_spec_of(*layer, spec, &why);
+    const HostLayerPtr view = module->layer(&why);
+    const bool supported = view != nullptr;
+    const LayerSpec spec = supported ? view->spec() : LayerSpec();
     AdapterOptions opts = o_.module();
     opts.algo(algo);
     int64_t rank = 0;
@@ -230,7 +135,7 @@ class Discovery {
       throw OptionError(where + ": " + e.what());
     }
     names_.insert(name);
-    out_.push_back(NetworkModule{name, path, adapter->algo(), spec, layer, adapter});
+    out_.push_back(NetworkModule{name, path, adapter->algo(), spec, module->torch_module(), adapter, view});
   }
 
   const NetworkOptions& o_;
@@ -246,10 +151,9 @@ class Discovery {
 
 }  // namespace
 
-std::vector<NetworkModule> discover(const std::shared_ptr<torch::nn::Module>& model, const NetworkOptions& options,
+std::vector<NetworkModule> discover(const HostModulePtr& model, const NetworkOptions& options,
                                     std::vector<std::string>& warnings) {
   return Discovery(options, warnings).run(model);
 }
 
-}  // namespace detail
-}  // namespace lycoris
+}  // namespace lycoris::detail

@@ -29,17 +29,6 @@ void check_network_options(const NetworkOptions& o) {
   if (o.conv_dim() < 0) throw OptionError("conv_dim must be >= 0, got " + std::to_string(o.conv_dim()));
 }
 
-// Bypass needs a drop-in layer whose padding the adapters reproduce (zero padding).
-nn::BypassHost* bypass_host(torch::nn::Module& host) {
-  auto* bh = dynamic_cast<nn::BypassHost*>(&host);
-  if (!bh) return nullptr;
-  auto zeros = [](const auto& conv) { return c10::get_if<torch::enumtype::kZeros>(&conv->options.padding_mode()) != nullptr; };
-  if (auto* c = dynamic_cast<torch::nn::Conv1dImpl*>(&host); c && !zeros(c)) return nullptr;
-  if (auto* c = dynamic_cast<torch::nn::Conv2dImpl*>(&host); c && !zeros(c)) return nullptr;
-  if (auto* c = dynamic_cast<torch::nn::Conv3dImpl*>(&host); c && !zeros(c)) return nullptr;
-  return bh;
-}
-
 nlohmann::json options_json(const NetworkOptions& n) {
   const auto& o = n.module();
   return {{"algo", o.algo()},
@@ -77,7 +66,7 @@ LycorisNetworkImpl::LycorisNetworkImpl(std::shared_ptr<torch::nn::Module> model,
   if (!model_) throw OptionError("create_lycoris: no model");
   check_network_options(options_);
   state_->multiplier = options_.multiplier();
-  for (auto& m : detail::discover(model_, options_, warnings_)) add_module_(std::move(m));
+  for (auto& m : detail::discover(host_module(model_), options_, warnings_)) add_module_(std::move(m));
 }
 
 LycorisNetworkImpl::LycorisNetworkImpl(std::shared_ptr<torch::nn::Module> model, NetworkOptions options,
@@ -100,6 +89,7 @@ LycorisNetworkImpl::~LycorisNetworkImpl() {
 void LycorisNetworkImpl::add_module_(NetworkModule m) {
   for (const auto& other : modules_)
     if (other.name == m.name) throw KeyError("duplicate module name " + m.name);
+  if (!m.view && m.host) m.view = host_module(m.host)->layer();
   register_module(m.name, m.adapter);
   modules_.push_back(std::move(m));
 }
@@ -114,13 +104,13 @@ double LycorisNetworkImpl::multiplier() const { return state_->multiplier; }
 
 void LycorisNetworkImpl::bind_(const NetworkModule& m, bool bypass) {
   const std::shared_ptr<const double> mult(state_, &state_->multiplier);
-  if (bypass) {
-    if (auto* bh = bypass_host(*m.host)) {
+  if (bypass && m.view) {
+    if (auto* bh = m.view->bypass()) {
       bh->attach(state_.get(), m.adapter, mult);
       return;
     }
     const std::string w = m.name + ": bypass mode needs a drop-in lycoris::nn layer with zero padding; '" + m.path +
-                          "' (" + module_type_name(m.host->name()) + ") uses rebuild mode";
+                          "' (" + m.view->type_name() + ") uses rebuild mode";
     if (std::find(warnings_.begin(), warnings_.end(), w) == warnings_.end()) warnings_.push_back(w);
   }
   detail::bind(m, state_.get(), mult);
@@ -139,15 +129,17 @@ void LycorisNetworkImpl::apply_to() {
 
 void LycorisNetworkImpl::restore() {
   for (const auto& m : modules_) {
-    if (auto* bh = dynamic_cast<nn::BypassHost*>(m.host.get())) bh->detach(state_.get());
-    detail::unbind(*m.host, state_.get());
+    if (!m.view) continue;
+    if (auto* bh = m.view->bypass()) bh->detach(state_.get());
+    detail::unbind(*m.view, state_.get());
   }
   applied_ = false;
 }
 
 void LycorisNetworkImpl::refresh() {
   if (!applied_) return;
-  for (const auto& m : modules_) detail::recompute(*m.host, state_.get());
+  for (const auto& m : modules_)
+    if (m.view) detail::recompute(*m.view, state_.get());
 }
 
 void LycorisNetworkImpl::on_step() {
@@ -166,7 +158,8 @@ void LycorisNetworkImpl::merge_to(double m) {
   if (applied_) restore();
   torch::NoGradGuard no_grad;
   for (const auto& mod : modules_) {
-    auto [W0, b0] = detail::base_weights(*mod.host);
+    const HostLayer& layer = detail::adaptable_layer(mod);
+    auto [W0, b0] = detail::base_weights(layer);
     auto& a = *mod.adapter;
     const bool training = a.is_training();
     a.eval();  // merging is deterministic: no dropouts
@@ -179,12 +172,9 @@ void LycorisNetworkImpl::merge_to(double m) {
           b0.copy_(b);
         } else {  // Full/Norm bias change on a layer without bias: the layer gets one
           auto bias = b.detach().clone();
-          try {
-            mod.host->register_parameter("bias", bias, W0.requires_grad());
-          } catch (const std::exception&) {
+          if (!mod.view->add_bias(bias, W0.requires_grad()))
             warnings_.push_back(mod.name + ": bias of '" + mod.path + "' set without registering a parameter");
-          }
-          detail::set_base_bias(*mod.host, bias);
+          detail::set_base_bias(layer, bias);
         }
       }
     } catch (...) {
@@ -192,7 +182,7 @@ void LycorisNetworkImpl::merge_to(double m) {
       throw;
     }
     a.train(training);
-    detail::recompute_all(*mod.host);  // other networks stacked here act on the merged weight
+    detail::recompute_all(layer);  // other networks stacked here act on the merged weight
   }
 }
 
