@@ -7,6 +7,7 @@
 #include "lycoris/error.hpp"
 #include "lycoris/functional/common.hpp"
 #include "lycoris/text.hpp"
+#include "module_fit.hpp"
 
 namespace lycoris {
 
@@ -28,10 +29,16 @@ LoadedAdapter load_adapter_for_base(const io::SafetensorsFile& file, const namin
   LoadedAdapter out;
   out.path = file.path();
   std::vector<std::string> fatal, skippable;
-  auto spec_for = [&](const naming::BaseLayer& layer) {
-    const auto shape = naming::layer_shape(layer, base_shapes.at(layer.weight_key));  // row block of a fused tensor
-    const bool has_bias = !layer.bias_key.empty();
-    return options.layer_spec ? options.layer_spec(layer, shape, has_bias) : LayerSpec::from_weight_shape(shape, has_bias);
+  // a base tensor no layer can be built from: the module does not fit it
+  auto spec_for = [&](const naming::Resolution& target) {
+    const auto& layer = target.layer;
+    try {
+      const auto shape = naming::layer_shape(layer, base_shapes.at(layer.weight_key));  // row block of a fused tensor
+      const bool has_bias = !layer.bias_key.empty();
+      return options.layer_spec ? options.layer_spec(layer, shape, has_bias) : LayerSpec::from_weight_shape(shape, has_bias);
+    } catch (const Error& e) {
+      throw ShapeError(std::string("base tensor ") + layer.weight_key + ": " + e.what());
+    }
   };
 
   // every module's fp32 copies of its tensors in one populated block (page faults dominate loading on VMs)
@@ -42,63 +49,38 @@ LoadedAdapter load_adapter_for_base(const io::SafetensorsFile& file, const namin
   std::vector<std::string> stray;
   const auto groups = group_modules(file, &stray);
   if (groups.empty()) throw KeyError(file.path() + ": " + no_modules_problem(file.tensors().size()));
+  using Outcome = detail::ModuleFit::Outcome;
   for (const auto& [name, tensors] : groups) {
-    const Algorithm* algo = detect_algorithm(tensors);
-    if (!algo) {
-      std::vector<std::string> keys;
-      for (const auto& kv : tensors) keys.push_back(kv.first);
-      fatal.push_back(name + ": no known algorithm for keys {" + join(keys, ", ", 50) + "}");
+    const auto fit = detail::fit_module(base_names, name, name, tensors, spec_for);
+    if (!fit.algo) {
+      fatal.push_back(name + ": " + detail::no_algorithm_problem(tensors, 50));
       continue;
     }
-    auto candidates = base_names.find(name);
-    if (candidates.empty()) {
+    if (fit.outcome == Outcome::Unmatched) {
       auto near = base_names.closest(name, 3);
       skippable.push_back(name + ": matches no base tensor" + (near.empty() ? "" : " (closest: " + join(near, ", ", kListed) + ")"));
       continue;
     }
-    // Colliding paths (`a.b_c` / `a_b.c`) give one name to several layers: keep the ones the module fits.
-    // ShapeError / OptionError = the module does not fit that layer (skippable); any other error = the
-    // module itself is malformed (missing or unknown key, …).
-    std::vector<std::pair<const naming::Resolution*, AdapterPtr>> fits;
-    std::string shape_problem, malformed;
-    for (const auto* c : candidates) {
-      try {
-        LayerSpec layer;
-        try {
-          layer = spec_for(c->layer);
-        } catch (const Error& e) {
-          throw ShapeError(std::string("base tensor ") + c->layer.weight_key + ": " + e.what());
-        }
-        fits.emplace_back(c, algo->load(name, tensors, layer));
-      } catch (const ShapeError& e) {
-        if (shape_problem.empty()) shape_problem = problem(name, e.what()) + " (base " + c->layer.weight_key + ")";
-      } catch (const OptionError& e) {  // the algorithm cannot wrap this kind of layer
-        if (shape_problem.empty()) shape_problem = problem(name, e.what()) + " (base " + c->layer.weight_key + ")";
-      } catch (const Error& e) {
-        malformed = problem(name, e.what());
-        break;
-      }
-    }
-    if (!malformed.empty()) {
-      fatal.push_back(malformed);
+    if (fit.outcome == Outcome::Malformed) {
+      fatal.push_back(problem(name, fit.malformed_error));
       continue;
     }
-    if (fits.empty()) {
-      skippable.push_back(shape_problem);
+    if (fit.outcome == Outcome::Misfit) {
+      skippable.push_back(problem(name, fit.misfit_error) + " (base " + fit.misfit->layer.weight_key + ")");
       continue;
     }
-    if (fits.size() > 1) {
+    if (fit.outcome == Outcome::Ambiguous) {
       std::vector<std::string> keys;
-      for (const auto& f : fits) keys.push_back(f.first->layer.weight_key);
+      for (const auto& f : fit.fits) keys.push_back(f.first->layer.weight_key);
       fatal.push_back(name + ": ambiguous, the name denotes several base layers (" + join(keys, ", ", kListed) + ")");
       continue;
     }
     AdapterModule m;
     m.name = name;
-    m.algo = algo->name;
-    m.target = *fits[0].first;
-    m.layer = fits[0].second->layer();
-    m.adapter = fits[0].second;
+    m.algo = fit.algo->name;
+    m.target = *fit.fits[0].first;
+    m.layer = fit.fits[0].second->layer();
+    m.adapter = fit.fits[0].second;
     m.adapter->eval();
     if (options.device != torch::Device(torch::kCPU)) m.adapter->to(options.device);
     out.modules.push_back(std::move(m));

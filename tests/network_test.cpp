@@ -514,6 +514,30 @@ TEST(NetworkFromWeights, UnmatchedModulesWarnWrongShapesThrow) {
   }
 }
 
+TEST(NetworkFromWeights, ALayerAnswersToTheFirstOfItsNamesTheFileUses) {
+  torch::manual_seed(7);
+  auto model = std::make_shared<Plain>();
+  const auto dir = lycoris::test::temp_dir("network-fromw-prefix");
+  const auto file = dir + "/a.safetensors";
+  lycoris::io::save_file(file, {{"lora_unet_head_fc1.lora_up.weight", torch::randn({16, 2})},
+                                {"lora_unet_head_fc1.lora_down.weight", torch::randn({2, 8})},
+                                {"lycoris_head_fc1.lora_up.weight", torch::randn({16, 2})},
+                                {"lycoris_head_fc1.lora_down.weight", torch::randn({2, 8})}});
+  // the preset's prefix first, then the known ones in order
+  for (const std::string prefix : {"lycoris", "lora_unet"}) {
+    SCOPED_TRACE(prefix);
+    lycoris::Preset preset;
+    preset.lora_prefix = prefix;
+    auto net = lycoris::create_lycoris_from_weights(model, file, 1.0, preset);
+    ASSERT_EQ(net->modules().size(), 1u);
+    EXPECT_EQ(net->modules()[0].name, prefix + "_head_fc1");
+    EXPECT_EQ(net->modules()[0].path, "head.fc1");
+    ASSERT_EQ(net->warnings().size(), 1u);
+    const std::string other = prefix == "lycoris" ? "lora_unet_head_fc1" : "lycoris_head_fc1";
+    EXPECT_NE(net->warnings()[0].find(other + " matches no layer"), std::string::npos) << net->warnings()[0];
+  }
+}
+
 // ---------------------------------------------------------------- golden cases through the network
 
 const json& manifest() {

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "module_fit.hpp"
 #include "internal.hpp"
 #include "lycoris/adapter_file.hpp"
 #include "lycoris/algorithms.hpp"
@@ -234,58 +235,62 @@ LycorisNetwork create_lycoris_from_weights(std::shared_ptr<torch::nn::Module> mo
       if (seen.insert(name).second) order.push_back(name);
     }
   }
+
+  // The model's adaptable layers, named like checkpoint keys so that the resolver can name them.
+  std::map<std::string, std::pair<HostModulePtr, HostLayerPtr>> layers;  // by path
+  std::vector<std::string> keys;
+  for (const auto& [path, node] : preorder(host_module(model)))
+    if (auto view = node->layer()) {
+      layers.emplace(path, std::make_pair(node, view));
+      keys.push_back(path.empty() ? "weight" : path + ".weight");
+    }
+  // "<prefix>_<path>" with the preset's prefix, then the other known ones: a layer answers to the first of
+  // its names the file uses (a second module naming the same layer matches nothing)
   std::vector<std::string> prefixes = {preset.lora_prefix};
   for (const auto& p : naming::known_prefixes())
     if (p != preset.lora_prefix) prefixes.push_back(p);
-
-  struct Candidate {
-    std::string path;
-    std::shared_ptr<torch::nn::Module> host;
-    LayerSpec spec;
-  };
-  std::map<std::string, std::vector<Candidate>> candidates;
-  for (const auto& [path, layer] : named_modules_preorder(model)) {
-    LayerSpec spec;
-    if (!layer_spec_of(*layer, spec)) continue;
-    for (const auto& p : prefixes) {
-      auto name = naming::module_name(p, path);
-      if (groups.count(name)) {
-        candidates[name].push_back({path, layer, spec});
-        break;
-      }
-    }
-  }
+  const naming::Dialect file_names{
+      "standalone", [&](const std::vector<naming::BaseLayer>& base, const std::function<void(naming::Resolution)>& emit) {
+        for (const auto& layer : base)
+          for (const auto& p : prefixes)
+            if (auto name = naming::module_name(p, layer.path); groups.count(name)) {
+              emit({name, layer, "standalone", p, layer.path});
+              break;
+            }
+      }};
+  const naming::Resolver names(keys, {file_names});
 
   std::vector<NetworkModule> modules;
   std::vector<std::string> warnings;
+  using Outcome = detail::ModuleFit::Outcome;
   for (const auto& name : order) {
-    auto it = candidates.find(name);
-    if (it == candidates.end()) {
+    const auto& tensors = groups.at(name);
+    const auto fit = detail::fit_module(names, name, name, tensors, [&](const naming::Resolution& r) {
+      return layers.at(r.layer.path).second->spec();
+    });
+    if (fit.outcome == Outcome::Unmatched) {
       warnings.push_back(file + ": module " + name + " matches no layer of the model (ignored)");
       continue;
     }
-    const auto& tensors = groups.at(name);
-    std::vector<NetworkModule> fits;
-    std::string problem;
-    for (const auto& c : it->second) {
+    if (fit.outcome == Outcome::NoAlgorithm) throw KeyError(file + ": " + name + ": " + detail::no_algorithm_problem(tensors));
+    if (fit.outcome == Outcome::Malformed) {
       try {
-        auto adapter = load_adapter(name, tensors, c.spec);
-        fits.push_back(NetworkModule{name, c.path, adapter->algo(), c.spec, c.host, adapter});
-      } catch (const ShapeError& e) {
-        if (problem.empty()) problem = e.what() + std::string(" (layer '") + c.path + "', " + c.spec.describe() + ")";
-      } catch (const OptionError& e) {
-        if (problem.empty()) problem = e.what() + std::string(" (layer '") + c.path + "', " + c.spec.describe() + ")";
-      } catch (const KeyError& e) {
+        std::rethrow_exception(fit.malformed);
+      } catch (const KeyError& e) {  // other errors pass as they are
         throw KeyError(file + ": " + e.what());
       }
     }
-    if (fits.empty()) throw ShapeError(file + ": module " + name + " does not fit its layer: " + problem);
-    if (fits.size() > 1) {
+    if (fit.outcome == Outcome::Misfit)
+      throw ShapeError(file + ": module " + name + " does not fit its layer: " + fit.misfit_error + " (layer '" +
+                       fit.misfit->layer.path + "', " + layers.at(fit.misfit->layer.path).second->spec().describe() + ")");
+    if (fit.outcome == Outcome::Ambiguous) {
       std::string paths;
-      for (const auto& m : fits) paths += (paths.empty() ? "" : ", ") + m.path;
+      for (const auto& [r, adapter] : fit.fits) paths += (paths.empty() ? "" : ", ") + r->layer.path;
       throw KeyError(file + ": module " + name + " is ambiguous, it fits several layers (" + paths + ")");
     }
-    modules.push_back(std::move(fits.front()));
+    const auto& [r, adapter] = fit.fits.front();
+    const auto& [node, view] = layers.at(r->layer.path);
+    modules.push_back(NetworkModule{name, r->layer.path, adapter->algo(), view->spec(), node->torch_module(), adapter, view});
   }
   NetworkOptions opts;
   opts.multiplier(multiplier).preset(preset);

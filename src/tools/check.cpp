@@ -17,6 +17,7 @@
 #include "lycoris/text.hpp"
 #include "lycoris/tools/convert.hpp"
 #include "lycoris/adapter_file.hpp"
+#include "module_fit.hpp"
 
 namespace lycoris::tools {
 
@@ -189,47 +190,35 @@ CheckReport check(const std::string& adapter_path, const std::string& base_path,
         const auto bad = (~torch::isfinite(t)).sum().item<int64_t>();
         if (bad > 0) c.problems.push_back("nonfinite: " + suffix + " has " + std::to_string(bad) + " NaN/Inf value(s)");
       }
-    const Algorithm* algo = detect_algorithm(m.tensors);
-    if (!algo) {
-      std::vector<std::string> k;
-      for (const auto& kv : m.tensors) k.push_back(kv.first);
-      c.problems.insert(c.problems.begin(), "malformed: no known algorithm for keys {" + join(k, ", ") + "}");
-    } else {
+    const auto fit = detail::fit_module(names, lookup, m.name, m.tensors, [&](const naming::Resolution& h) {
+      const auto shape = naming::layer_shape(h.layer, shapes.at(h.layer.weight_key));
+      return LayerSpec::from_weight_shape(shape, !h.layer.bias_key.empty());
+    });
+    using Outcome = detail::ModuleFit::Outcome;
+    const Algorithm* algo = fit.algo;
+    if (!algo)
+      c.problems.insert(c.problems.begin(), "malformed: " + detail::no_algorithm_problem(m.tensors));
+    else
       c.algo = algo->name;
-    }
-    auto hits = names.find(lookup);
-    if (hits.empty()) {
+    if (fit.outcome == Outcome::Unmatched) {
       c.closest = names.closest(lookup, 3);
       c.problems.insert(c.problems.begin(), "unmatched: matches no base layer (closest: " + join(c.closest, ", ") + ")");
     } else if (algo) {
-      std::vector<const naming::Resolution*> fits;
-      AdapterPtr fitted;
-      std::string shape_problem, malformed;
-      for (const auto* h : hits) {
-        try {
-          const auto shape = naming::layer_shape(h->layer, shapes.at(h->layer.weight_key));
-          const auto spec = LayerSpec::from_weight_shape(shape, !h->layer.bias_key.empty());
-          fitted = algo->load(m.name, m.tensors, spec);
-          fits.push_back(h);
-        } catch (const ShapeError& e) {
-          if (shape_problem.empty()) shape_problem = std::string(e.what()) + " (base " + h->layer.weight_key + ")";
-        } catch (const OptionError& e) {
-          if (shape_problem.empty()) shape_problem = std::string(e.what()) + " (base " + h->layer.weight_key + ")";
-        } catch (const Error& e) {
-          malformed = e.what();
-        }
-      }
-      const naming::Resolution* target = fits.size() == 1 ? fits[0] : (fits.empty() ? hits[0] : nullptr);
-      if (!malformed.empty()) c.problems.insert(c.problems.begin(), "malformed: " + malformed);
-      else if (fits.empty()) c.problems.insert(c.problems.begin(), "shape: " + shape_problem);
-      else if (fits.size() > 1) {
+      const naming::Resolution* target = fit.fits.size() == 1 ? fit.fits[0].first
+                                         : fit.fits.empty()   ? fit.candidates[0]
+                                                              : nullptr;
+      if (fit.outcome == Outcome::Malformed) c.problems.insert(c.problems.begin(), "malformed: " + fit.malformed_error);
+      else if (fit.outcome == Outcome::Misfit)
+        c.problems.insert(c.problems.begin(), "shape: " + fit.misfit_error + " (base " + fit.misfit->layer.weight_key + ")");
+      else if (fit.outcome == Outcome::Ambiguous) {
         std::vector<std::string> k;
-        for (const auto* f : fits) k.push_back(f->layer.weight_key);
+        for (const auto& f : fit.fits) k.push_back(f.first->layer.weight_key);
         c.problems.insert(c.problems.begin(), "ambiguous: the name denotes several base layers (" + join(k, ", ") + ")");
       }
-      if (target && fits.size() == 1 && c.problems.empty()) {
-        fitted->eval();
-        if (auto overflow = merge_overflow(base, target->layer, *fitted); !overflow.empty()) c.problems.push_back(overflow);
+      if (fit.outcome == Outcome::Fits && c.problems.empty()) {
+        auto& fitted = *fit.fits[0].second;
+        fitted.eval();
+        if (auto overflow = merge_overflow(base, target->layer, fitted); !overflow.empty()) c.problems.push_back(overflow);
       }
       if (target) {
         c.base_key = target->layer.weight_key;
