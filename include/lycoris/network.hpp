@@ -90,6 +90,8 @@ class LycorisNetworkImpl : public torch::nn::Module {
   // Discovers the target layers of `model` (docs/training.md#discovery) and creates one adapter per layer. Not applied
   // yet. OptionError on invalid options / unknown algorithm (naming the module and layer).
   LycorisNetworkImpl(std::shared_ptr<torch::nn::Module> model, NetworkOptions options);
+  // The same over any host model tree (lycoris/host_layer.hpp); the one above is this over host_module(model).
+  LycorisNetworkImpl(HostModulePtr model, NetworkOptions options);
   ~LycorisNetworkImpl() override;  // restores the model if still applied
 
   // Hook every adapter into its layer (rebuild: bind W'; bypass: attach to drop-in layers). Idempotent.
@@ -134,7 +136,7 @@ class LycorisNetworkImpl : public torch::nn::Module {
   void add_module_(NetworkModule m);
   void bind_(const NetworkModule& m, bool bypass);
 
-  std::shared_ptr<torch::nn::Module> model_;
+  HostModulePtr model_;
   NetworkOptions options_;
   std::vector<NetworkModule> modules_;
   std::vector<std::string> warnings_;

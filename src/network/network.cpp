@@ -63,16 +63,19 @@ nlohmann::json options_json(const NetworkOptions& n) {
 }  // namespace
 
 LycorisNetworkImpl::LycorisNetworkImpl(std::shared_ptr<torch::nn::Module> model, NetworkOptions options)
+    : LycorisNetworkImpl(model ? host_module(std::move(model)) : nullptr, std::move(options)) {}
+
+LycorisNetworkImpl::LycorisNetworkImpl(HostModulePtr model, NetworkOptions options)
     : model_(std::move(model)), options_(std::move(options)), state_(std::make_shared<State>()) {
   if (!model_) throw OptionError("create_lycoris: no model");
   check_network_options(options_);
   state_->multiplier = options_.multiplier();
-  for (auto& m : detail::discover(host_module(model_), options_, warnings_)) add_module_(std::move(m));
+  for (auto& m : detail::discover(model_, options_, warnings_)) add_module_(std::move(m));
 }
 
 LycorisNetworkImpl::LycorisNetworkImpl(std::shared_ptr<torch::nn::Module> model, NetworkOptions options,
                                        std::vector<NetworkModule> modules, std::vector<std::string> warnings)
-    : model_(std::move(model)), options_(std::move(options)), warnings_(std::move(warnings)),
+    : model_(model ? host_module(std::move(model)) : nullptr), options_(std::move(options)), warnings_(std::move(warnings)),
       state_(std::make_shared<State>()) {
   check_network_options(options_);
   state_->multiplier = options_.multiplier();
