@@ -134,7 +134,19 @@ std::string unsupported_layer(const LayerSpec& layer) {
     return layer.describe() + " is not a Linear or Conv1d/2d/3d layer";
   if (layer.is_conv() && layer.groups != 1)
     return layer.describe() + " has groups = " + std::to_string(layer.groups) + " (grouped convolutions are not supported)";
+  return empty_weight(layer);
+}
+
+std::string empty_weight(const LayerSpec& layer) {
+  const auto shape = layer.weight_shape();
+  for (int64_t d : shape)
+    if (d < 1) return layer.describe() + " has an empty weight " + shape_str(shape);
   return {};
+}
+
+void expect_rank(int64_t rank, const torch::Tensor& t, const std::string& module, const std::string& key) {
+  if (rank < 1)
+    throw FormatError(module + ": rank " + std::to_string(rank) + " (" + key + " has shape " + shape_str(t.sizes()) + ")");
 }
 
 void* map_populated(size_t bytes, size_t& mapped_size) {

@@ -86,7 +86,7 @@ void warn_once(const std::string& message) {
 
 std::string unsupported_host(const LayerSpec& layer, Hosts hosts) {
   if (hosts == Hosts::Norms)
-    return layer.is_norm() ? std::string() : layer.describe() + " is not a LayerNorm or GroupNorm layer";
+    return layer.is_norm() ? functional::empty_weight(layer) : layer.describe() + " is not a LayerNorm or GroupNorm layer";
   return functional::unsupported_layer(layer);
 }
 

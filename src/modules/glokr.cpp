@@ -134,6 +134,8 @@ F::lokr::Weights load_b(const std::string& module, const TensorMap& t, const Lay
     throw ShapeError(back(e));
   } catch (const KeyError& e) {
     throw KeyError(back(e));
+  } catch (const FormatError& e) {
+    throw FormatError(back(e));
   }
   const auto& k = dynamic_cast<const LoKrImpl&>(*loaded);
   return {k.lokr_w1, k.lokr_w1_a, k.lokr_w1_b, k.lokr_w2, k.lokr_w2_a, k.lokr_w2_b, k.lokr_t2};
@@ -165,6 +167,7 @@ AdapterPtr load_glokr(const std::string& module, const TensorMap& t, const Layer
     if (a2a.dim() != 2)
       throw ShapeError(module + ".glokr_a_w2_a: expected 2 dims, got " + F::shape_str(a2a.sizes()));
     a_rank = a2a.size(1);
+    F::expect_rank(a_rank, a2a, module, "glokr_a_w2_a");
     F::expect_shape(a2a, {q, a_rank}, module, "glokr_a_w2_a", why);
     F::expect_shape(a2b, {a_rank, q}, module, "glokr_a_w2_b", "rank " + std::to_string(a_rank) + " from glokr_a_w2_a");
     w.a.w2a = F::owned_float(a2a);

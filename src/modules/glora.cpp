@@ -79,6 +79,7 @@ Algorithm glora_algorithm() {
                          fn::require(t, "b1.weight", module), fn::require(t, "b2.weight", module)};
     if (w.a2.dim() < 2) fn::expect_shape(w.a2, fn::glora::a2_shape(layer, 1), module, "a2.weight", "(rank, in)");
     const int64_t r = w.a2.size(0);
+    fn::expect_rank(r, w.a2, module, "a2.weight");
     const std::string why = "rank " + std::to_string(r) + " from a2.weight, " + layer.describe();
     fn::expect_shape(w.a1, fn::glora::a1_shape(layer, r), module, "a1.weight", why);
     fn::expect_shape(w.a2, fn::glora::a2_shape(layer, r), module, "a2.weight", why);

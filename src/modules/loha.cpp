@@ -80,6 +80,8 @@ AdapterPtr load_loha(const std::string& module, const TensorMap& t, const LayerS
     return b.size(0);
   };
   const int64_t r1 = rank_of(w1b, "hada_w1_b"), r2 = rank_of(w2b, "hada_w2_b");
+  F::expect_rank(r1, w1b, module, "hada_w1_b");
+  F::expect_rank(r2, w2b, module, "hada_w2_b");
   F::loha::Weights w;
   if (tucker) {
     if (!layer.is_conv()) throw ShapeError(module + ".hada_t1: Tucker factors on a non-conv layer " + layer.describe());

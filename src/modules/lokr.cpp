@@ -102,13 +102,14 @@ AdapterPtr load_lokr(const std::string& module, const TensorMap& t, const LayerS
     two_d(w1b, "lokr_w1_b");
     a = w1a.size(0);
     c = w1b.size(1);
+    F::expect_rank(w1a.size(1), w1a, module, "lokr_w1_a");
     F::expect_shape(w1b, {w1a.size(1), c}, module, "lokr_w1_b", "rank " + std::to_string(w1a.size(1)) + " from lokr_w1_a");
     w.w1a = F::owned_float(w1a);
     w.w1b = F::owned_float(w1b);
   }
-  if (O % a != 0 || I % c != 0)
-    throw ShapeError(module + ": W1 of shape [" + std::to_string(a) + ", " + std::to_string(c) +
-                     "] does not divide " + layer.describe());
+  if (a < 1 || c < 1 || O % a != 0 || I % c != 0)
+    throw ShapeError(module + ": W1 of shape [" + std::to_string(a) + ", " + std::to_string(c) + "] (" +
+                     (w.w1.defined() ? "lokr_w1" : "lokr_w1_a · lokr_w1_b") + ") does not divide " + layer.describe());
   const int64_t p = O / a, q = I / c;
   std::vector<int64_t> kernel = layer.kernel;
   auto with_kernel = [&](std::vector<int64_t> s) {
@@ -130,12 +131,14 @@ AdapterPtr load_lokr(const std::string& module, const TensorMap& t, const LayerS
     if (auto t2 = opt("lokr_t2"); t2.defined()) {
       if (!layer.is_conv()) throw ShapeError(module + ".lokr_t2: Tucker factor on a non-conv layer " + layer.describe());
       const int64_t r = t2.dim() > 0 ? t2.size(0) : 0;
+      F::expect_rank(r, t2, module, "lokr_t2");
       F::expect_shape(t2, with_kernel({r, r}), module, "lokr_t2", why);
       F::expect_shape(w2a, {r, p}, module, "lokr_w2_a", "Tucker rank " + std::to_string(r) + ", " + why);
       F::expect_shape(w2b, {r, q}, module, "lokr_w2_b", "Tucker rank " + std::to_string(r) + ", " + why);
       w.t2 = F::owned_float(t2);
     } else {
       const int64_t r = w2a.size(1);
+      F::expect_rank(r, w2a, module, "lokr_w2_a");
       F::expect_shape(w2a, {p, r}, module, "lokr_w2_a", why);
       F::expect_shape(w2b, {r, q * k}, module, "lokr_w2_b", "rank " + std::to_string(r) + " from lokr_w2_a, " + why);
     }

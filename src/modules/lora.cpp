@@ -45,6 +45,7 @@ LoRAFile read_lora_file(const std::string& module, const TensorMap& t, const Lay
   const size_t nk = layer.kernel.size();
   if (down.dim() < 1) F::expect_shape(down, {-1, I}, module, "lora_down.weight");
   const int64_t r = down.size(0);
+  F::expect_rank(r, down, module, "lora_down.weight");
   auto with_kernel = [&](std::vector<int64_t> s, bool unit) {
     for (size_t i = 0; i < nk; ++i) s.push_back(unit ? 1 : layer.kernel[i]);
     return s;

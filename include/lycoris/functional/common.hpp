@@ -60,9 +60,15 @@ namespace lycoris::functional {
 // KeyError "<module>: unknown key(s) 'k', … for <algo> (allowed: …)" when a key is not in `allowed`.
 void expect_keys(const TensorMap& tensors, const std::vector<std::string>& allowed, const std::string& module,
                  const std::string& algo);
-// Empty when an additive weight algorithm can wrap the layer (Linear or Conv1d/2d/3d with groups 1),
-// otherwise the reason (grouped convs are rejected, QUIRKS Q45).
+// Empty when an additive weight algorithm can wrap the layer (Linear or Conv1d/2d/3d with groups 1 and a
+// non-empty weight), otherwise the reason (grouped convs are rejected, QUIRKS Q45).
 std::string unsupported_layer(const LayerSpec& layer);
+// Empty when every dimension of the layer's weight is at least 1, otherwise the reason ("Linear(8, 0) has an
+// empty weight [0, 8]"): there is nothing to adapt (a base tensor with a zero dimension).
+std::string empty_weight(const LayerSpec& layer);
+// FormatError "<module>: rank 0 (<key> has shape [..])" when rank < 1: empty low-rank factors are no
+// adapter (their scale alpha / rank is 0 / 0), whatever layer they are loaded for.
+void expect_rank(int64_t rank, const torch::Tensor& t, const std::string& module, const std::string& key);
 // A writable copy of a file tensor as a parameter value: fp64 stays fp64, every other dtype becomes fp32
 // (as the reference copies into fp32 parameters).
 torch::Tensor owned_float(const torch::Tensor& t);
