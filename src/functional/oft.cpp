@@ -17,7 +17,9 @@ torch::Tensor rotations(const torch::Tensor& blocks, double constraint, int64_t 
     Q = torch::where(q > C, Q * (C / q), Q);
   }
   auto I = torch::eye(Q.size(-1), Q.options());
-  return torch::matmul(I + Q, torch::inverse(I - Q));
+  // I − Q is invertible for every finite skew-symmetric Q; blocks with NaN/Inf (or so large that Q
+  // overflows) give NaN/Inf rotations, reported like any other non-finite result, not a solver exception
+  return torch::matmul(I + Q, std::get<0>(torch::linalg_inv_ex(I - Q)));
 }
 
 torch::Tensor interpolate(const torch::Tensor& R, double m, double dropout) {

@@ -1,0 +1,42 @@
+// Inputs found by fuzz/fuzz_adapter_load (reproducers in fuzz/corpus/adapter_load), reduced to the module
+// that misbehaved: each one loads cleanly and then must either work or fail with a lycoris::Error, never
+// with a torch exception or wrong shapes.
+#include <limits>
+
+#include "lycoris/algorithms.hpp"
+#include "lycoris/error.hpp"
+#include "lycoris/tools/merge.hpp"
+#include "test_util.hpp"
+
+namespace fuzz_regressions_test {
+
+using namespace lycoris;
+
+// One 4×4 rotation block of a fuzzed file: a NaN on the diagonal among values up to 1e34. Elimination on
+// I − Q meets an exactly zero pivot, so an inverse that checks for singularity threw from merge.
+torch::Tensor nan_block() {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  return torch::tensor({-0.0108982231f, 0.109185338f, -0.0361197628f, 0.0230663139f, 3.03978583e-26f, nan,
+                        3.96655772e+25f, -1365.85522f, -1.84718588e+28f, 7.8355155f, 2.39585796e+16f,
+                        -7.15601612e-27f, 4.10190101e+33f, -7.78208818e+16f, 7.7800778e+34f, -4.26610096e-17f})
+      .reshape({4, 4});
+}
+
+TEST(FuzzRegressions, OftBlocksWithNaNGiveNonFiniteWeightNotATorchError) {
+  const auto layer = LayerSpec::linear(4, 4);
+  const auto W = torch::randn({4, 4});
+  for (const auto& blocks : {nan_block().reshape({1, 4, 4}), nan_block().reshape({1, 1, 4, 4})}) {
+    SCOPED_TRACE(c10::str(blocks.sizes()));
+    auto a = load_adapter("lycoris_m", {{"oft_blocks", blocks}}, layer);
+    a->eval();
+    torch::Tensor out;
+    ASSERT_NO_THROW(out = a->apply_weight(W, 1.0));
+    EXPECT_FALSE(torch::isfinite(out).all().item<bool>());
+    // merge reports NaN/Inf (naming the module) from this result
+    auto merged = W.clone();
+    EXPECT_FALSE(tools::merge_tensor(W, merged, {tools::MergeStep{a.get(), 1.0}}));
+    EXPECT_NO_THROW(a->bypass_forward(torch::randn({2, 4}), W, torch::Tensor(), 1.0));
+  }
+}
+
+}  // namespace fuzz_regressions_test
