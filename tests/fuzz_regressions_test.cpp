@@ -39,4 +39,19 @@ TEST(FuzzRegressions, OftBlocksWithNaNGiveNonFiniteWeightNotATorchError) {
   }
 }
 
+// A Diag-OFT / BOFT constraint (stored as alpha, here F64) beyond the fp32 range: clipping Q at C = c·O made
+// torch refuse C as an fp32 scalar. Such a bound never binds for finite blocks: the result is the unconstrained one.
+TEST(FuzzRegressions, OftConstraintBeyondFloatRangeDoesNotBind) {
+  const auto layer = LayerSpec::linear(4, 4);
+  const auto W = torch::randn({4, 4});
+  for (const auto& blocks : {torch::randn({2, 2, 2}), torch::randn({2, 2, 2, 2})}) {
+    SCOPED_TRACE(c10::str(blocks.sizes()));
+    auto huge = load_adapter("lycoris_m", {{"oft_blocks", blocks}, {"alpha", torch::tensor(1.6e219, torch::kFloat64)}}, layer);
+    auto none = load_adapter("lycoris_m", {{"oft_blocks", blocks}}, layer);
+    torch::Tensor out;
+    ASSERT_NO_THROW(out = huge->apply_weight(W, 1.0));
+    EXPECT_TRUE(torch::equal(out, none->apply_weight(W, 1.0)));
+  }
+}
+
 }  // namespace fuzz_regressions_test
