@@ -54,4 +54,60 @@ TEST(FuzzRegressions, OftConstraintBeyondFloatRangeDoesNotBind) {
   }
 }
 
+// alpha is applied (and saved) in float32: an F64 alpha of 1e300 loaded, then failed in merge_tensor and
+// file_tensors with torch's "cannot be converted to type float without overflow". Now a FormatError at load.
+TEST(FuzzRegressions, AlphaBeyondFloatRangeIsAFormatError) {
+  const auto layer = LayerSpec::linear(8, 8);
+  const auto alpha = torch::tensor(1e300, torch::kFloat64);
+  auto r = [](std::vector<int64_t> s) { return torch::randn(s); };
+  const std::vector<std::pair<std::string, TensorMap>> cases = {
+      {"lora", {{"lora_down.weight", r({2, 8})}, {"lora_up.weight", r({8, 2})}, {"alpha", alpha}}},
+      {"dylora", {{"lora_down.weight", r({2, 8})}, {"lora_up.weight", r({8, 2})}, {"alpha", alpha}}},
+      {"loha", {{"hada_w1_a", r({8, 2})}, {"hada_w1_b", r({2, 8})}, {"hada_w2_a", r({8, 2})}, {"hada_w2_b", r({2, 8})},
+                {"alpha", alpha}}},
+      {"lokr", {{"lokr_w1", r({2, 2})}, {"lokr_w2_a", r({4, 1})}, {"lokr_w2_b", r({1, 4})}, {"alpha", alpha}}},
+      {"glora", {{"a1.weight", r({8, 2})}, {"a2.weight", r({2, 8})}, {"b1.weight", r({8, 2})}, {"b2.weight", r({2, 8})},
+                 {"alpha", alpha}}},
+      {"glokr", {{"glokr_a_w1", r({2, 2})}, {"glokr_a_w2", r({4, 4})}, {"glokr_b_w1", r({2, 2})},
+                 {"glokr_b_w2_a", r({4, 1})}, {"glokr_b_w2_b", r({1, 4})}, {"alpha", alpha}}},
+  };
+  for (const auto& [algo, tensors] : cases) {
+    SCOPED_TRACE(algo);
+    try {
+      find_algorithm(algo).load("lycoris_m", tensors, layer);
+      ADD_FAILURE() << "loaded";
+    } catch (const FormatError& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find("lycoris_m.alpha"), std::string::npos) << msg;
+    }
+  }
+}
+
+// An alpha inside the float32 range whose scale times the multiplier is not (alpha 3e38, rank 1, m = 3): the
+// weight overflows to Inf, which merge_tensor reports as non-finite, instead of torch refusing the scalar.
+TEST(FuzzRegressions, ScaleTimesMultiplierBeyondFloatRangeOverflowsToInf) {
+  const auto layer = LayerSpec::linear(8, 8);
+  const auto W = torch::randn({8, 8});
+  const auto alpha = torch::tensor(3e38f);
+  auto r = [](std::vector<int64_t> s) { return torch::randn(s); };
+  const std::vector<TensorMap> modules = {
+      {{"lora_down.weight", r({1, 8})}, {"lora_up.weight", r({8, 1})}, {"alpha", alpha}},
+      {{"hada_w1_a", r({8, 1})}, {"hada_w1_b", r({1, 8})}, {"hada_w2_a", r({8, 1})}, {"hada_w2_b", r({1, 8})}, {"alpha", alpha}},
+      {{"lokr_w1", r({2, 2})}, {"lokr_w2_a", r({4, 1})}, {"lokr_w2_b", r({1, 4})}, {"alpha", alpha}},
+      {{"a1.weight", r({8, 1})}, {"a2.weight", r({1, 8})}, {"b1.weight", r({8, 1})}, {"b2.weight", r({1, 8})}, {"alpha", alpha}},
+  };
+  for (const auto& tensors : modules) {
+    auto a = load_adapter("lycoris_m", tensors, layer);
+    SCOPED_TRACE(a->algo());
+    a->eval();
+    torch::Tensor out;
+    ASSERT_NO_THROW(out = a->apply_weight(W, 3.0));
+    EXPECT_FALSE(torch::isfinite(out).all().item<bool>());
+    auto merged = W.clone();
+    bool finite = true;
+    ASSERT_NO_THROW(finite = tools::merge_tensor(W, merged, {tools::MergeStep{a.get(), 3.0}}));
+    EXPECT_FALSE(finite);
+  }
+}
+
 }  // namespace fuzz_regressions_test

@@ -3,6 +3,8 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <limits>
+#include <sstream>
 
 #include "lycoris/error.hpp"
 #include "lycoris/functional/common.hpp"
@@ -27,7 +29,15 @@ double stored_alpha(const AdapterOptions& o) {
 
 double read_alpha(const TensorMap& tensors, const std::string& module, int64_t rank) {
   auto a = F::optional(tensors, "alpha");
-  return a.defined() ? F::scalar_value(a, module, "alpha") : static_cast<double>(rank);
+  if (!a.defined()) return static_cast<double>(rank);
+  const double alpha = F::scalar_value(a, module, "alpha");
+  // the scale alpha / rank is applied, and alpha saved, in float32
+  if (std::isfinite(alpha) && std::abs(alpha) > std::numeric_limits<float>::max()) {
+    std::ostringstream os;
+    os << module << ".alpha: " << alpha << " is beyond the float32 range";
+    throw FormatError(os.str());
+  }
+  return alpha;
 }
 
 // ---------------------------------------------------------------- file reading

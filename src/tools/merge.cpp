@@ -23,6 +23,7 @@
 #include <ATen/Parallel.h>
 
 #include <atomic>
+#include <limits>
 #include <numeric>
 #include <typeinfo>
 
@@ -232,6 +233,10 @@ std::optional<RowKernel> delta_kernel(LowRankAdapter& lr, double m, const torch:
     return true;
   };
   const double c = m * lr.scale();
+  // the kernels pass c to torch as a scalar of the compute dtype: one that float32 cannot hold takes the
+  // apply_weight path (ΔW overflows to Inf, reported as NaN/Inf) instead of torch refusing it
+  if (std::isfinite(c) && opts.dtype() == torch::kFloat32 && std::abs(c) > std::numeric_limits<float>::max())
+    return std::nullopt;
   const int64_t O = shape[0], numel = c10::multiply_integers(shape);
   if (is_a(lr, typeid(LoRAImpl))) {
     auto& a = static_cast<LoRAImpl&>(lr);

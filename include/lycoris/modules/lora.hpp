@@ -92,6 +92,7 @@ void check_low_rank_options(const LayerSpec& layer, const AdapterOptions& option
 // rank / √rank with rs_lora, so that scale = alpha / rank is the training scale.
 double stored_alpha(const AdapterOptions& options);
 // The stored alpha of a module (any numeric dtype, shape () or (1,)); `rank` when absent (FORMAT.md §3).
+// FormatError for a finite alpha beyond the float32 range (the scale is applied in float32).
 double read_alpha(const TensorMap& tensors, const std::string& module, int64_t rank);
 
 // A LoRA module of a file, validated against the layer (FORMAT.md §5.1) and copied into owned tensors.
