@@ -57,8 +57,8 @@ torch::Tensor diff_weight(const torch::Tensor& W, const Weights& w, double s) {
 torch::Tensor apply_weight(const torch::Tensor& W, const Weights& w, double s, double m) {
   auto wc = to_compute(W, W);
   auto [WA, B] = terms(wc, w);
-  // W + m·s·(W·A + B)
-  return torch::add(wc, WA, m * s).add_(B, m * s).to(W.scalar_type());
+  // W + m·s·(W·A + B); m·s as a factor (torch refuses an add's alpha beyond float32, a factor overflows to Inf)
+  return WA.add_(B).mul_(m * s).add_(wc).to(W.scalar_type());
 }
 
 torch::Tensor bypass_diff(const torch::Tensor& x, const LayerSpec& layer, const torch::Tensor& W, const Weights& w,

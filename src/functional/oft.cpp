@@ -2,6 +2,9 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
+#include <limits>
+
 #include "lycoris/functional/channels.hpp"
 #include "lycoris/functional/common.hpp"
 
@@ -12,12 +15,18 @@ torch::Tensor rotations(const torch::Tensor& blocks, double constraint, int64_t 
   auto b = blocks.to(like.options().dtype(compute_dtype(like)));
   auto Q = b - b.transpose(-1, -2);
   if (constraint > 0) {
-    const double C = constraint * static_cast<double>(out_features);
+    // a bound beyond the compute dtype's range binds exactly when q is infinite, as the dtype's largest value
+    // does; torch refuses a scalar it cannot represent
+    const double largest = Q.scalar_type() == torch::kFloat64 ? std::numeric_limits<double>::max()
+                                                              : std::numeric_limits<float>::max();
+    const double C = std::min(constraint * static_cast<double>(out_features), largest);
     auto q = Q.norm() + 1e-8;
     Q = torch::where(q > C, Q * (C / q), Q);
   }
   auto I = torch::eye(Q.size(-1), Q.options());
-  return torch::matmul(I + Q, torch::inverse(I - Q));
+  // I − Q is invertible for every finite skew-symmetric Q; blocks with NaN/Inf (or so large that Q
+  // overflows) give NaN/Inf rotations, reported like any other non-finite result, not a solver exception
+  return torch::matmul(I + Q, std::get<0>(torch::linalg_inv_ex(I - Q)));
 }
 
 torch::Tensor interpolate(const torch::Tensor& R, double m, double dropout) {

@@ -8,6 +8,7 @@
 #include "lycoris/error.hpp"
 #include "lycoris/functional/common.hpp"
 #include "lycoris/modules/common.hpp"
+#include "lycoris/modules/lora.hpp"
 
 namespace lycoris {
 
@@ -86,7 +87,7 @@ Algorithm glora_algorithm() {
     fn::expect_shape(w.b1, fn::glora::b1_shape(layer, r), module, "b1.weight", why);
     fn::expect_shape(w.b2, fn::glora::b2_shape(layer, r), module, "b2.weight", why);
     auto alpha = fn::optional(t, "alpha");
-    if (alpha.defined()) fn::scalar_value(alpha, module, "alpha");  // validates shape and dtype
+    read_alpha(t, module, r);  // validates shape, dtype and range
     return std::make_shared<GLoRAImpl>(layer, w, alpha);
   };
   a.create = create_adapter<GLoRAImpl>;

@@ -126,8 +126,8 @@ AdapterPtr load_lokr(const std::string& module, const TensorMap& t, const LayerS
     w.w1b = F::owned_float(w1b);
   }
   if (a < 1 || c < 1 || O % a != 0 || I % c != 0)
-    throw ShapeError(module + ": W1 of shape [" + std::to_string(a) + ", " + std::to_string(c) +
-                     "] does not divide " + layer.describe());
+    throw ShapeError(module + ": W1 of shape [" + std::to_string(a) + ", " + std::to_string(c) + "] (" +
+                     (w.w1.defined() ? "lokr_w1" : "lokr_w1_a · lokr_w1_b") + ") does not divide " + layer.describe());
   const int64_t p = O / a, q = I / c;
   std::vector<int64_t> kernel = layer.kernel;
   auto with_kernel = [&](std::vector<int64_t> s) {

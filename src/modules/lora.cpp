@@ -3,6 +3,8 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <limits>
+#include <sstream>
 
 #include "lycoris/error.hpp"
 #include "lycoris/functional/common.hpp"

@@ -3,6 +3,8 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <limits>
+#include <sstream>
 
 #include "lycoris/functional/common.hpp"
 #include "lycoris/functional/dora.hpp"
@@ -24,7 +26,15 @@ double stored_alpha(const AdapterOptions& o) {
 
 double read_alpha(const TensorMap& tensors, const std::string& module, int64_t rank) {
   auto a = F::optional(tensors, "alpha");
-  return a.defined() ? F::scalar_value(a, module, "alpha") : static_cast<double>(rank);
+  if (!a.defined()) return static_cast<double>(rank);
+  const double alpha = F::scalar_value(a, module, "alpha");
+  // the scale alpha / rank is applied, and alpha saved, in float32
+  if (std::isfinite(alpha) && std::abs(alpha) > std::numeric_limits<float>::max()) {
+    std::ostringstream os;
+    os << module << ".alpha: " << alpha << " is beyond the float32 range";
+    throw FormatError(os.str());
+  }
+  return alpha;
 }
 
 void LowRankAdapter::setup_common(const torch::TensorOptions& po, torch::Tensor loaded_dora_scale) {
@@ -101,6 +111,11 @@ torch::Tensor LowRankAdapter::bypass_forward(const torch::Tensor& x, const torch
 std::unique_ptr<RowKernel> LowRankAdapter::row_kernel(double m, const torch::TensorOptions& opts,
                                                       torch::IntArrayRef shape) const {
   if (is_training() || shape.size() < 2 || !dora_ready_) return nullptr;
+  // the kernels pass m·scale to torch as a scalar of the compute dtype: one that float32 cannot hold takes
+  // the generic path (ΔW overflows to Inf, reported as NaN/Inf) instead of torch refusing the scalar
+  const double c = m * scale();
+  if (std::isfinite(c) && opts.dtype() == torch::kFloat32 && std::abs(c) > std::numeric_limits<float>::max())
+    return nullptr;
   if (!dora_scale.defined()) return delta_kernel(m, opts, shape);
   auto k = delta_kernel(1.0, opts, shape);
   if (!k) return nullptr;

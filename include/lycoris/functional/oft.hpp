@@ -11,7 +11,8 @@ namespace lycoris::functional::oft {
 
 // R = (I + Q)(I − Q)⁻¹ per block (last two axes), Q = B − Bᵀ. Constraint c > 0: with C = c·O and
 // q = ‖Q‖_F + 1e-8 over ALL blocks (and stages) together, Q ← Q·C/q when q > C (docs/loaders.md#q20-oft-constraint).
-// Computed (inverse included) in fp32, or fp64 when `like` is fp64.
+// Computed (inverse included) in fp32, or fp64 when `like` is fp64. Non-finite blocks (or a Q that
+// overflows) give NaN/Inf, never an error.
 torch::Tensor rotations(const torch::Tensor& blocks, double constraint, int64_t out_features,
                         const torch::Tensor& like);
 // M = m·R + (1 − m)·I per block; with dropout p > 0 (training, Diag-OFT only: docs/loaders.md#q51-diag-oft-dropout) inverted
