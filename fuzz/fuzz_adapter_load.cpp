@@ -29,8 +29,8 @@
 #include "lycoris/error.hpp"
 #include "lycoris/io/safetensors.hpp"
 #include "lycoris/layer.hpp"
-#include "lycoris/tools/merge.hpp"
-#include "../src/tools/single_threaded_blas.hpp"
+#include "exec/threads.hpp"
+#include "tools/merge/merge_tensor.hpp"
 
 namespace {
 
@@ -352,7 +352,7 @@ void run(const fz::Input& in, const LayerSpec& layer) {
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
   // small tensors, one input at a time: no intra-op or BLAS threads spinning next to the fuzzer
   torch::set_num_threads(1);
-  static tools::SingleThreadedBlas blas;
+  static exec::SingleThreadedBlas blas;
   return 0;
 }
 
