@@ -9,6 +9,8 @@
 #include <thread>
 
 #include "lycoris/error.hpp"
+#include "lycoris/io/dtype.hpp"
+#include "lycoris/io/safetensors.hpp"
 #include "lycoris/text.hpp"
 
 namespace lycoris::cli {
@@ -50,6 +52,18 @@ torch::Device parse_device(const std::string& text) {
     return *device;
   }
   throw OptionError("--device: '" + text + "': not supported (cpu, cuda, cuda:N, mps)");
+}
+
+std::optional<torch::ScalarType> parse_dtype(const std::string& text, std::initializer_list<torch::ScalarType> allowed,
+                                             bool keep) {
+  if (keep && text == "keep") return std::nullopt;
+  io::DType d;
+  if (io::parse_user_dtype(text, d) && io::has_torch_dtype(d))
+    for (auto t : allowed)
+      if (io::to_torch(d) == t) return t;
+  std::string known = keep ? "keep" : "";
+  for (auto t : allowed) known += (known.empty() ? "" : ", ") + io::dtype_spelling(io::from_torch(t));
+  throw OptionError("--dtype: unknown dtype '" + escape_control(text) + "' (" + known + ")");
 }
 
 int thread_count(int requested) {

@@ -77,10 +77,7 @@ void register_extract(CLI::App& app) {
     o.sparsity = a.sparsity;
     o.tucker = a.tucker;
     o.prefix = a.prefix;
-    if (a.dtype == "fp16" || a.dtype == "float16" || a.dtype == "half") o.dtype = torch::kFloat16;
-    else if (a.dtype == "bf16" || a.dtype == "bfloat16") o.dtype = torch::kBFloat16;
-    else if (a.dtype == "fp32" || a.dtype == "float32" || a.dtype == "float") o.dtype = torch::kFloat32;
-    else throw OptionError("--dtype: unknown dtype '" + a.dtype + "' (fp16, bf16, fp32)");
+    o.dtype = *parse_dtype(a.dtype, {torch::kFloat16, torch::kBFloat16, torch::kFloat32}, /*keep=*/false);
     o.svd = functional::parse_svd_method(a.svd);
     o.loha_iters = a.loha_iters;
     o.loha_tol = a.loha_tol;

@@ -21,14 +21,6 @@ namespace lycoris::cli {
 
 namespace {
 
-std::optional<torch::ScalarType> parse_dtype(const std::string& s) {
-  if (s == "keep") return std::nullopt;
-  if (s == "fp32" || s == "float32" || s == "float") return torch::kFloat32;
-  if (s == "fp16" || s == "float16" || s == "half") return torch::kFloat16;
-  if (s == "bf16" || s == "bfloat16" || s == "bfloat") return torch::kBFloat16;
-  if (s == "fp64" || s == "float64") return torch::kFloat64;
-  throw OptionError("--dtype: unknown dtype '" + s + "' (keep, fp32, fp16, bf16, fp64)");
-}
 
 // One-line progress bar on stderr, redrawn at most every 100 ms: bytes done, tensor count, elapsed time,
 // ETA (from the data rate since the first tensor, so adapter loading does not skew it), current tensor.
@@ -104,7 +96,7 @@ void register_merge(CLI::App& app) {
     tools::MergeOptions opt;
     for (size_t i = 0; i < a.adapters.size(); ++i)
       opt.adapters.push_back({a.adapters[i], a.weights.empty() ? 1.0 : parse_weight(a.weights[i], a.force)});
-    opt.dtype = parse_dtype(a.dtype);
+    opt.dtype = parse_dtype(a.dtype, {torch::kFloat32, torch::kFloat16, torch::kBFloat16, torch::kFloat64}, /*keep=*/true);
     opt.device = parse_device(a.device);
     opt.allow_unmatched = a.allow_unmatched;
     opt.base_format = naming::parse_base_format(a.base_format);

@@ -17,6 +17,10 @@
 #include "lycoris/modules/dylora.hpp"
 #include "lycoris/modules/full.hpp"
 #include "lycoris/modules/lora.hpp"
+#include "lycoris/network.hpp"
+#include "lycoris/preset.hpp"
+#include "lycoris/io/safetensors.hpp"
+#include <nlohmann/json.hpp>
 #include "test_util.hpp"
 
 namespace options_test {
@@ -423,6 +427,108 @@ TEST(AdapterDropout, GLoRABypassAndDiagOFTDropInTraining) {
     int differs = 0;
     for (int i = 0; i < 10; ++i) differs += !torch::allclose(with->bypass_forward(x, W, {}, 1.0), reference);
     EXPECT_GT(differs, 5) << algo;
+  }
+}
+
+// ---------------------------------------------------------------- the option table (docs/training.md#overrides)
+
+// One setting of an option and how to read it back.
+struct Spelling {
+  std::string key;
+  OptionValue value;
+  std::function<bool(const AdapterOptions&)> is_set;
+};
+
+// The reference's spellings (preset keys, per-module overrides) and the aliases it accepts.
+std::vector<Spelling> reference_spellings() {
+  using O = const AdapterOptions&;
+  return {
+      {"use_tucker", true, [](O o) { return o.tucker(); }},
+      {"tucker", true, [](O o) { return o.tucker(); }},
+      {"use_cp", true, [](O o) { return o.tucker(); }},
+      {"use_scalar", true, [](O o) { return o.use_scalar(); }},
+      {"weight_decompose", true, [](O o) { return o.dora(); }},
+      {"dora", true, [](O o) { return o.dora(); }},
+      {"dora_wd", true, [](O o) { return o.dora(); }},
+      {"wd_on_out", false, [](O o) { return !o.wd_on_out(); }},
+      {"wd_on_output", false, [](O o) { return !o.wd_on_out(); }},
+      {"rs_lora", true, [](O o) { return o.rs_lora(); }},
+      {"dropout", 0.125, [](O o) { return o.dropout() == 0.125; }},
+      {"rank_dropout", 0.25, [](O o) { return o.rank_dropout() == 0.25; }},
+      {"rank_dropout_scale", true, [](O o) { return o.rank_dropout_scale(); }},
+      {"module_dropout", 0.5, [](O o) { return o.module_dropout() == 0.5; }},
+      {"factor", int64_t{3}, [](O o) { return o.factor() == 3; }},
+      {"decompose_both", true, [](O o) { return o.decompose_both(); }},
+      {"full_matrix", true, [](O o) { return o.full_matrix(); }},
+      {"unbalanced_factorization", true, [](O o) { return o.unbalanced_factorization(); }},
+      {"block_size", int64_t{2}, [](O o) { return o.block_size() == 2; }},
+      {"constraint", 0.75, [](O o) { return o.constraint() == 0.75; }},
+      {"constrain", 0.75, [](O o) { return o.constraint() == 0.75; }},
+      {"rescaled", true, [](O o) { return o.rescaled(); }},
+      {"train_on_input", true, [](O o) { return o.train_on_input(); }},
+      {"bypass_mode", true, [](O o) { return o.bypass_mode(); }},
+  };
+}
+
+TEST(OptionTable, EveryReferenceKeyAndAliasSetsItsOption) {
+  for (const auto& s : reference_spellings()) {
+    AdapterOptions o;
+    ASSERT_FALSE(s.is_set(o)) << s.key << " is set by default";
+    ModuleOverride{}.set(s.key, s.value).apply_to(o, "test");
+    EXPECT_TRUE(s.is_set(o)) << s.key;
+  }
+  // an integer where a number is expected is fine; the wrong type or an unknown key is an error naming it
+  AdapterOptions o;
+  ModuleOverride{}.set("constraint", int64_t{2}).apply_to(o, "test");
+  EXPECT_EQ(o.constraint(), 2.0);
+  expect_option_error([] { ModuleOverride{}.set("use_tucker", int64_t{3}).validate("preset.toml"); },
+                      {"preset.toml", "use_tucker", "boolean"}, "wrong type");
+  expect_option_error([] { ModuleOverride{}.set("use_tuker", true).validate("preset.toml"); },
+                      {"preset.toml", "use_tuker", "use_tucker"}, "unknown key");
+}
+
+TEST(OptionTable, SavedMetadataNamesEveryOptionInTheReferenceSpelling) {
+  auto model = std::make_shared<torch::nn::SequentialImpl>(torch::nn::Linear(8, 8));
+  auto module = AdapterOptions().algo("lokr").factor(2).decompose_both(true).rank_dropout(0.25).constraint(0.75);
+  auto net = create_lycoris(model, 1.0, 4, 2.0, NetworkOptions().module(module));
+  const auto path = test::temp_dir("option_table") + "/net.safetensors";
+  net->save_weights(path);
+  const auto meta = io::SafetensorsFile::open(path).metadata();
+  const auto j = nlohmann::json::parse(meta.at("lycoris_options"));
+  for (const auto& s : reference_spellings()) {
+    if (s.key == "tucker" || s.key == "use_cp" || s.key == "dora" || s.key == "dora_wd" || s.key == "wd_on_output" ||
+        s.key == "constrain")
+      continue;  // aliases are read, never written
+    EXPECT_TRUE(j.contains(s.key)) << s.key << " missing from " << j.dump();
+  }
+  EXPECT_EQ(j.at("factor"), 2);
+  EXPECT_EQ(j.at("decompose_both"), true);
+  EXPECT_EQ(j.at("rank_dropout"), 0.25);
+  EXPECT_EQ(j.at("constraint"), 0.75);
+  EXPECT_EQ(j.at("weight_decompose"), false);
+  EXPECT_EQ(j.at("algo"), "lokr");
+}
+
+// Every option an algorithm's registry entry says it reads is taken without a "does not apply" warning.
+TEST(OptionTable, OptionsAnAlgorithmReadsAreNotWarnedAbout) {
+  for (const auto& a : algorithms()) {
+    for (const auto& name : a.options) {
+      AdapterOptions o = base_options(a.name);
+      bool known = false;
+      for (const auto& s : reference_spellings())
+        if (s.key == name || (name == "tucker" && s.key == "use_tucker") || (name == "dora" && s.key == "weight_decompose")) {
+          ModuleOverride{}.set(s.key, s.value).apply_to(o, "test");
+          known = true;
+          break;
+        }
+      ASSERT_TRUE(known) << a.name << " lists '" << name << "', which is no option";
+      WarningCollector w;
+      try {
+        a.create(host_for(a.name), o);
+      } catch (const OptionError&) {  // e.g. a Tucker core on a Linear layer: refused, not ignored
+      }
+      for (const auto& m : w.messages) EXPECT_EQ(m.find("does not apply"), std::string::npos) << a.name << ": " << m;
+    }
   }
 }
 

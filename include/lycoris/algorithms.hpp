@@ -8,6 +8,21 @@
 
 namespace lycoris {
 
+// Where another loader (the reference's tools, ComfyUI, sd-webui, stable-diffusion.cpp, kohya, PEFT) reads a
+// module differently from the reference's training-time forward (docs/loaders.md#summary), for `check`.
+struct LoaderNote {
+  std::string topic;  // short, shared by every module with the same note
+  std::string text;
+};
+using LoaderNotes = std::vector<LoaderNote>;
+
+// A module in PEFT's form (`convert --to peft`): the same suffixes, in PEFT's shapes, with the LyCORIS scale
+// folded into one factor (PEFT files carry no alpha); or the reason PEFT cannot express the module.
+struct PeftForm {
+  std::string refusal;  // "" = expressible
+  NamedTensors tensors;
+};
+
 struct Algorithm {
   std::string name;                  // canonical name: "lora", "loha", "lokr", ...
   std::vector<std::string> aliases;  // e.g. "locon" for "lora", "oft" → "diag-oft"
@@ -24,6 +39,17 @@ struct Algorithm {
   std::function<int64_t(const TensorMap&)> rank;
   // Which layer kinds it can wrap.
   std::function<bool(const LayerSpec&)> supports;
+  // The options (keys of LYCORIS_MODULE_OPTIONS, options.hpp) it reads besides rank, alpha and the ones every
+  // module reads; setting another one warns (docs/training.md#option-checks).
+  std::vector<std::string> options;
+  // How other loaders read a module of it differently (null: no difference known).
+  std::function<LoaderNotes(const std::string& module, const TensorMap&)> loader_notes;
+  // PEFT's form of a module at LyCORIS scale `scale` (null: PEFT has no such adapter, `peft_refusal` says why).
+  std::function<PeftForm(const TensorMap&, double scale)> to_peft;
+  // A module read from a PEFT file (LyCORIS suffixes, PEFT shapes, no alpha) made a LyCORIS module at PEFT
+  // scale `scale` (lora_alpha / r): shapes restored and alpha made explicit (or folded when it is not read).
+  std::function<void(TensorMap&, double scale)> from_peft;
+  std::string peft_refusal;
 };
 
 // All algorithms, in detection order.

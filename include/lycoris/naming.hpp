@@ -62,6 +62,9 @@ std::pair<std::string, std::string> split_peft_path(const std::string& path, boo
 const std::string& peft_component_prefix(const std::string& component);
 // PEFT/diffusers tensor suffix → LyCORIS suffix, longest first ("lora_A.weight" → "lora_down.weight").
 const std::vector<std::pair<std::string, std::string>>& peft_suffixes();
+// The PEFT suffix `convert --to peft` writes for a LyCORIS suffix (lora_down.weight → lora_A.weight, …;
+// LoHa/LoKr suffixes are PEFT's own).
+std::string peft_key_suffix(const std::string& lycoris_suffix);
 // Whether a key ends in a suffix only PEFT/diffusers files use (lora_A/lora_B, lora.down/lora.up,
 // lora_magnitude_vector).
 bool peft_only_suffix(const std::string& key);

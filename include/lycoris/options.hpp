@@ -10,28 +10,42 @@
 
 namespace lycoris {
 
+// Every module option after algo, rank and alpha, in one list: the struct's fields, the preset and override
+// keys with their aliases, the saved metadata and the "does not apply" warnings are generated from it.
+//   X(type, field, default, key, aliases, scope)
+// field: the setter and the name in messages; key: the reference's spelling in presets, per-module overrides and
+// the network metadata (docs/training.md#overrides); aliases: other accepted keys, space-separated; scope: Every
+// (read by every module) or Some (read by the algorithms whose registry entry lists it; setting it for another
+// algorithm warns, docs/training.md#option-checks).
+#define LYCORIS_MODULE_OPTIONS(X)                                                                                 \
+  X(bool, tucker, false, "use_tucker", "tucker use_cp", Some)   /* Tucker core (convs with a kernel > 1 only) */  \
+  X(bool, use_scalar, false, "use_scalar", "", Some)            /* trainable scalar multiplying ΔW, folded on save */ \
+  X(bool, dora, false, "weight_decompose", "dora dora_wd", Some) /* DoRA */                                        \
+  X(bool, wd_on_out, true, "wd_on_out", "wd_on_output", Every)  /* DoRA norm per output row (or input column) */   \
+  X(bool, rs_lora, false, "rs_lora", "", Some)                  /* scale alpha/sqrt(r) */                          \
+  X(double, dropout, 0.0, "dropout", "", Some)                  /* dropout on the input */                         \
+  X(double, rank_dropout, 0.0, "rank_dropout", "", Some)        /* dropout on the rank / output rows */            \
+  X(bool, rank_dropout_scale, false, "rank_dropout_scale", "", Some)                                               \
+  X(double, module_dropout, 0.0, "module_dropout", "", Every)   /* probability to skip the adapter for a step */   \
+  X(int64_t, factor, -1, "factor", "", Some)                    /* LoKr/GLoKr factorization factor */              \
+  X(bool, decompose_both, false, "decompose_both", "", Some)                                                       \
+  X(bool, full_matrix, false, "full_matrix", "", Some)                                                             \
+  X(bool, unbalanced_factorization, false, "unbalanced_factorization", "", Some)                                   \
+  X(int64_t, block_size, 4, "block_size", "", Some)             /* DyLoRA rank block */                            \
+  X(double, constraint, 0.0, "constraint", "constrain", Some)   /* Diag-OFT/BOFT Cayley constraint (0 = none) */   \
+  X(bool, rescaled, false, "rescaled", "", Some)                /* Diag-OFT/BOFT per-row rescale */                \
+  X(bool, train_on_input, false, "train_on_input", "", Some)    /* (IA)^3 scales input columns */                  \
+  X(bool, bypass_mode, false, "bypass_mode", "", Every)         /* y = W0·x + ΔW·x without materialising ΔW */
+
+enum class OptionScope { Every, Some };
+
 struct AdapterOptions {
   TORCH_ARG(std::string, algo) = "lora";  // registry name: lora, loha, lokr, full, ia3, dylora, glora, diag-oft, boft, norm, glokr
   TORCH_ARG(int64_t, rank) = 4;           // lora_dim
   TORCH_ARG(double, alpha) = 1.0;         // 0 → alpha = rank (scale 1)
-  TORCH_ARG(bool, tucker) = false;        // use_tucker (convs with a kernel > 1 only)
-  TORCH_ARG(bool, use_scalar) = false;    // trainable scalar multiplying ΔW, folded on save
-  TORCH_ARG(bool, dora) = false;          // weight_decompose (DoRA)
-  TORCH_ARG(bool, wd_on_out) = true;      // DoRA norm per output row (true) or per input column
-  TORCH_ARG(bool, rs_lora) = false;       // scale alpha/sqrt(r)
-  TORCH_ARG(double, dropout) = 0.0;       // dropout on the input
-  TORCH_ARG(double, rank_dropout) = 0.0;  // dropout on the rank / output rows
-  TORCH_ARG(bool, rank_dropout_scale) = false;
-  TORCH_ARG(double, module_dropout) = 0.0;  // probability to skip the adapter for a step
-  TORCH_ARG(int64_t, factor) = -1;          // LoKr/GLoKr factorization factor
-  TORCH_ARG(bool, decompose_both) = false;
-  TORCH_ARG(bool, full_matrix) = false;
-  TORCH_ARG(bool, unbalanced_factorization) = false;
-  TORCH_ARG(int64_t, block_size) = 4;       // DyLoRA rank block
-  TORCH_ARG(double, constraint) = 0.0;      // Diag-OFT/BOFT Cayley constraint (0 = none)
-  TORCH_ARG(bool, rescaled) = false;        // Diag-OFT/BOFT per-row rescale
-  TORCH_ARG(bool, train_on_input) = false;  // (IA)^3 scales input columns
-  TORCH_ARG(bool, bypass_mode) = false;     // y = W0·x + ΔW·x without materialising ΔW
+#define LYCORIS_OPTION_FIELD(type, field, init, key, aliases, scope) TORCH_ARG(type, field) = init;
+  LYCORIS_MODULE_OPTIONS(LYCORIS_OPTION_FIELD)
+#undef LYCORIS_OPTION_FIELD
 };
 
 using LoRAOptions = AdapterOptions;

@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <limits>
+#include <string>
 
 namespace lycoris::io {
 namespace {
@@ -13,15 +14,22 @@ struct Entry {
   size_t size;
   bool floating;
   bool torch;  // has a torch dtype (float8 is decoded to F32 instead)
+  const char* spellings;  // what users may type for it (--dtype), space-separated
 };
 // The one table: every other mapping (torch types, names, sizes) derives from it.
 constexpr Entry kTable[] = {
-    {DType::F64, "F64", 8, true, true},          {DType::F32, "F32", 4, true, true},
-    {DType::F16, "F16", 2, true, true},          {DType::BF16, "BF16", 2, true, true},
-    {DType::I64, "I64", 8, false, true},         {DType::I32, "I32", 4, false, true},
-    {DType::I16, "I16", 2, false, true},         {DType::I8, "I8", 1, false, true},
-    {DType::U8, "U8", 1, false, true},           {DType::BOOL, "BOOL", 1, false, true},
-    {DType::F8_E4M3, "F8_E4M3", 1, true, false}, {DType::F8_E5M2, "F8_E5M2", 1, true, false},
+    {DType::F64, "F64", 8, true, true, "fp64 float64 double"},
+    {DType::F32, "F32", 4, true, true, "fp32 float32 float"},
+    {DType::F16, "F16", 2, true, true, "fp16 float16 half"},
+    {DType::BF16, "BF16", 2, true, true, "bf16 bfloat16 bfloat"},
+    {DType::I64, "I64", 8, false, true, "i64 int64"},
+    {DType::I32, "I32", 4, false, true, "i32 int32"},
+    {DType::I16, "I16", 2, false, true, "i16 int16"},
+    {DType::I8, "I8", 1, false, true, "i8 int8"},
+    {DType::U8, "U8", 1, false, true, "u8 uint8"},
+    {DType::BOOL, "BOOL", 1, false, true, "bool"},
+    {DType::F8_E4M3, "F8_E4M3", 1, true, false, "f8_e4m3"},
+    {DType::F8_E5M2, "F8_E5M2", 1, true, false, "f8_e5m2"},
 };
 
 const Entry& entry(DType d) {
@@ -54,6 +62,23 @@ bool parse_dtype(const std::string& name, DType& out) {
       return true;
     }
   return false;
+}
+
+bool parse_user_dtype(const std::string& spelling, DType& out) {
+  if (parse_dtype(spelling, out)) return true;
+  for (const auto& e : kTable) {
+    const std::string words = std::string(" ") + e.spellings + " ";
+    if (!spelling.empty() && spelling.find(' ') == std::string::npos && words.find(" " + spelling + " ") != std::string::npos) {
+      out = e.dtype;
+      return true;
+    }
+  }
+  return false;
+}
+
+std::string dtype_spelling(DType d) {
+  const std::string words = entry(d).spellings;
+  return words.substr(0, words.find(' '));
 }
 
 float f8_e4m3_to_f32(uint8_t byte) {

@@ -63,6 +63,9 @@ Algorithm boft_algorithm() {
     return b.defined() && b.dim() == 4 ? b.size(-1) : 0;
   };
   a.supports = supports_weight_layer;
+  a.options = {"constraint", "rescaled"};
+  a.loader_notes = oft_loader_notes;
+  a.peft_refusal = peft_lacks(a.name, "OFT/BOFT rotate the input side with other tensors");
   return a;
 }
 

@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <cmath>
 #include <mutex>
 #include <set>
 #include <utility>
@@ -16,58 +17,14 @@ namespace lycoris {
 
 namespace {
 
-// The options (besides rank, alpha and module_dropout, which the network passes to every module) each
-// algorithm reads (docs/training.md#dropout).
-const std::vector<std::string>& used_options(const std::string& algo) {
-  static const std::vector<std::string> low_rank = {"tucker",  "use_scalar",   "dora",
-                                                    "rs_lora", "dropout",      "rank_dropout",
-                                                    "rank_dropout_scale"};
-  static const std::vector<std::string> kron = [] {
-    auto v = low_rank;
-    v.insert(v.end(), {"factor", "decompose_both", "full_matrix", "unbalanced_factorization"});
-    return v;
-  }();
-  static const std::vector<std::pair<std::string, std::vector<std::string>>> table = {
-      {"lora", low_rank},
-      {"loha", low_rank},
-      {"lokr", kron},
-      {"glokr", kron},
-      {"dylora", {"block_size"}},
-      {"glora", {"use_scalar", "rs_lora", "dropout", "rank_dropout", "rank_dropout_scale"}},
-      {"full", {}},
-      {"ia3", {"train_on_input"}},
-      {"diag-oft", {"constraint", "rescaled", "rank_dropout"}},
-      {"boft", {"constraint", "rescaled"}},
-      {"norm", {"rank_dropout", "rank_dropout_scale"}},
-  };
-  static const std::vector<std::string> none;
-  for (const auto& [name, used] : table)
-    if (name == algo) return used;
-  return none;
-}
-
-// The options set away from their defaults (options.hpp), by name.
+// The options of scope Some set away from their defaults (options.hpp), by name.
 std::vector<std::string> non_default_options(const AdapterOptions& o) {
   const AdapterOptions d;
   std::vector<std::string> out;
-  auto check = [&](const char* name, bool differs) {
-    if (differs) out.emplace_back(name);
-  };
-  check("tucker", o.tucker() != d.tucker());
-  check("use_scalar", o.use_scalar() != d.use_scalar());
-  check("dora", o.dora() != d.dora());
-  check("rs_lora", o.rs_lora() != d.rs_lora());
-  check("dropout", o.dropout() != d.dropout());
-  check("rank_dropout", o.rank_dropout() != d.rank_dropout());
-  check("rank_dropout_scale", o.rank_dropout_scale() != d.rank_dropout_scale());
-  check("factor", o.factor() != d.factor());
-  check("decompose_both", o.decompose_both() != d.decompose_both());
-  check("full_matrix", o.full_matrix() != d.full_matrix());
-  check("unbalanced_factorization", o.unbalanced_factorization() != d.unbalanced_factorization());
-  check("block_size", o.block_size() != d.block_size());
-  check("constraint", o.constraint() != d.constraint());
-  check("rescaled", o.rescaled() != d.rescaled());
-  check("train_on_input", o.train_on_input() != d.train_on_input());
+#define LYCORIS_CHECK_DEFAULT(type, field, init, key, aliases, scope) \
+  if (OptionScope::scope == OptionScope::Some && o.field() != d.field()) out.emplace_back(#field);
+  LYCORIS_MODULE_OPTIONS(LYCORIS_CHECK_DEFAULT)
+#undef LYCORIS_CHECK_DEFAULT
   return out;
 }
 
@@ -101,7 +58,7 @@ void check_options(const std::string& algo, const LayerSpec& layer, const Adapte
     if (!(p >= 0.0 && p <= 1.0)) throw OptionError(who + name + " must be in [0, 1], got " + std::to_string(p));
   if (algo == "full" && o.bypass_mode())
     throw OptionError(who + "bypass_mode is not available for full (it trains the weight itself, docs/training.md#algo-full)");
-  const auto& used = used_options(algo);
+  const auto& used = find_algorithm(algo).options;
   for (const auto& name : non_default_options(o))
     if (std::find(used.begin(), used.end(), name) == used.end())
       warn_once(algo + ": option " + name + " does not apply to this algorithm and is ignored");
@@ -116,5 +73,22 @@ int64_t stored_size(const TensorMap& tensors, std::initializer_list<const char*>
 }
 
 bool supports_weight_layer(const LayerSpec& layer) { return functional::unsupported_layer(layer).empty(); }
+
+double alpha_or_nan(const std::string& module, const TensorMap& tensors) {
+  auto a = functional::optional(tensors, "alpha");
+  return a.defined() ? functional::scalar_value(a, module, "alpha") : std::nan("");
+}
+
+void note_missing_alpha(LoaderNotes& notes, int64_t rank, double alpha) {
+  if (rank > 0 && std::isnan(alpha))
+    notes.push_back({"no alpha", "the reference LyCORIS loader crashes without alpha (docs/loaders.md#q31-loader-crashes); "
+                                 "this tool, ComfyUI and sd-webui use scale 1 (alpha = rank)"});
+}
+
+torch::Tensor folded(const torch::Tensor& x, double s) {
+  return (x.to(torch::kFloat64) * s).to(x.scalar_type()).contiguous();
+}
+
+std::string peft_lacks(const std::string& algo, const std::string& why) { return algo + " (PEFT's " + why + ")"; }
 
 }  // namespace lycoris

@@ -82,6 +82,8 @@ Algorithm dylora_algorithm() {
   a.create = create_adapter<DyLoRAImpl>;
   a.rank = [](const TensorMap& t) { return stored_size(t, {"lora_down.weight"}); };
   a.supports = supports_weight_layer;
+  a.options = {"block_size"};
+  a.peft_refusal = peft_lacks("dylora", "LoRA-family files have no such tensors");
   return a;
 }
 

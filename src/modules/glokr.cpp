@@ -199,6 +199,11 @@ Algorithm glokr_algorithm() {
     return stored_size(t, {"glokr_a_w2_b", "glokr_b_w1_b", "glokr_b_t2", "glokr_b_w2_b"});
   };
   a.supports = supports_weight_layer;
+  a.options = lokr_options();
+  a.loader_notes = [](const std::string&, const TensorMap&) {
+    return LoaderNotes{{"GLoKr", "lycoris-cpp's own algorithm (docs/glokr.md): no other loader reads it"}};
+  };
+  a.peft_refusal = peft_lacks("glokr", "LoRA-family files have no such tensors");
   return a;
 }
 

@@ -149,6 +149,15 @@ Algorithm loha_algorithm() {
   a.create = create_adapter<LoHaImpl>;
   a.rank = [](const TensorMap& t) { return stored_size(t, {"hada_w1_b"}); };
   a.supports = supports_weight_layer;
+  a.options = low_rank_options();
+  a.loader_notes = [](const std::string& module, const TensorMap& t) {
+    const int64_t rank = stored_size(t, {"hada_w1_b"});
+    auto notes = low_rank_loader_notes("loha", module, t, rank);
+    note_missing_alpha(notes, rank, alpha_or_nan(module, t));
+    return notes;
+  };
+  a.to_peft = [](const TensorMap& t, double scale) { return low_rank_peft_form("loha", t, scale, "hada_w1_a"); };
+  a.from_peft = [](TensorMap& t, double scale) { low_rank_from_peft(t, scale, stored_size(t, {"hada_w1_b"}), "hada_w1_a"); };
   return a;
 }
 

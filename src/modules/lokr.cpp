@@ -175,6 +175,10 @@ AdapterPtr load_lokr(const std::string& module, const TensorMap& t, const LayerS
 
 }  // namespace
 
+namespace {
+int64_t lokr_stored_rank(const TensorMap& t) { return stored_size(t, {"lokr_w1_b", "lokr_t2", "lokr_w2_b"}); }
+}  // namespace
+
 Algorithm lokr_algorithm() {
   Algorithm a;
   a.name = "lokr";
@@ -182,8 +186,34 @@ Algorithm lokr_algorithm() {
   a.detect = [](const TensorMap& t) { return t.count("lokr_w1") > 0 || t.count("lokr_w1_a") > 0; };
   a.load = load_lokr;
   a.create = create_adapter<LoKrImpl>;
-  a.rank = [](const TensorMap& t) { return stored_size(t, {"lokr_w1_b", "lokr_t2", "lokr_w2_b"}); };
+  a.rank = lokr_stored_rank;
   a.supports = supports_weight_layer;
+  a.options = lokr_options();
+  a.loader_notes = [](const std::string& module, const TensorMap& t) {
+    const int64_t rank = lokr_stored_rank(t);
+    const double alpha = alpha_or_nan(module, t);
+    auto notes = low_rank_loader_notes("lokr", module, t, rank);
+    if (rank == 0 && !std::isnan(alpha) && alpha != 1.0)
+      notes.push_back({"LoKr with both factors full", "LyCORIS and ComfyUI ignore alpha (scale 1); PEFT applies lora_alpha/r"});
+    if (rank == 1 && !std::isnan(alpha) && alpha != 1.0)
+      notes.push_back({"rank-1 LoKr", "stable-diffusion.cpp uses scale 1 for rank-1 LoKr (LyCORIS: alpha/1)"});
+    if (t.count("lokr_t2"))
+      notes.push_back({"LoKr Tucker", "stable-diffusion.cpp leaves lokr_t2 modules unused; the reference LyCORIS "
+                                      "loader fails on Tucker LoKr files (docs/loaders.md#q4-lokr-loader-refactorizes)"});
+    if (t.count("lokr_w2") && t.at("lokr_w2").dim() > 2)
+      notes.push_back({"LoKr conv with a full 4-D lokr_w2",
+                       "stable-diffusion.cpp's per-dimension Kronecker puts lokr_w1 on the kernel dimensions "
+                       "(unverified by execution)"});
+    note_missing_alpha(notes, rank, alpha);
+    return notes;
+  };
+  // the scale is carried by W1 (ΔW is linear in it)
+  a.to_peft = [](const TensorMap& t, double scale) {
+    return low_rank_peft_form("lokr", t, scale, t.count("lokr_w1") ? "lokr_w1" : "lokr_w1_a");
+  };
+  a.from_peft = [](TensorMap& t, double scale) {
+    low_rank_from_peft(t, scale, lokr_stored_rank(t), t.count("lokr_w1") ? "lokr_w1" : "lokr_w1_a");
+  };
   return a;
 }
 

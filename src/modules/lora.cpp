@@ -3,8 +3,6 @@
 #include <torch/torch.h>
 
 #include <cmath>
-#include <limits>
-#include <sstream>
 
 #include "lycoris/error.hpp"
 #include "lycoris/functional/common.hpp"
@@ -171,6 +169,53 @@ Algorithm lora_algorithm() {
   a.create = create_adapter<LoRAImpl>;
   a.rank = [](const TensorMap& t) { return stored_size(t, {"lora_down.weight"}); };
   a.supports = supports_weight_layer;
+  a.options = low_rank_options();
+  a.loader_notes = [](const std::string& module, const TensorMap& t) {
+    auto notes = low_rank_loader_notes("lora", module, t, stored_size(t, {"lora_down.weight"}));
+    if (t.count("lora_mid.weight"))
+      notes.push_back({"LoRA Tucker core", "kohya sd-scripts LoRA has no lora_mid (cannot load it); ComfyUI, sd-webui "
+                                           "and stable-diffusion.cpp read it"});
+    auto down = F::optional(t, "lora_down.weight"), up = F::optional(t, "lora_up.weight");
+    if (down.defined() && up.defined() && down.dim() > 2 && up.dim() == 2)
+      notes.push_back({"2-D conv lora_up (DyLoRA)",
+                       "the reference LyCORIS loader cannot load a 2-D conv lora_up (docs/loaders.md#q23-dylora)"});
+    note_missing_alpha(notes, stored_size(t, {"lora_down.weight"}), alpha_or_nan(module, t));
+    if (t.count("bias_indices") || t.count("bias_values"))
+      notes.push_back({"sparse bias", "bias_indices/bias_values/bias_size: this tool adds the dense residual to ΔW "
+                                      "(unscaled), every other loader (LyCORIS, ComfyUI, sd-webui, stable-diffusion.cpp) "
+                                      "ignores it"});
+    return notes;
+  };
+  a.to_peft = [](const TensorMap& t, double scale) {
+    if (t.count("lora_mid.weight")) return PeftForm{"LoRA with a Tucker core (lora_mid): PEFT LoRA has no mid factor", {}};
+    auto form = low_rank_peft_form("lora", t, scale, "lora_up.weight");
+    const auto down = F::optional(t, "lora_down.weight");
+    const int64_t ndim = down.defined() ? down.dim() : 2;
+    for (auto& [suffix, x] : form.tensors) {
+      if (suffix == "lora_up.weight" && ndim > 2 && x.dim() == 2) {
+        // DyLoRA's 2-D conv lora_up (docs/loaders.md#q23-dylora) → (O, r, 1, …)
+        std::vector<int64_t> shape = x.sizes().vec();
+        shape.resize(static_cast<size_t>(ndim), 1);
+        x = x.reshape(shape);
+      }
+      if (suffix == "dora_scale") {  // PEFT's magnitude: (O,) for Linear, (1, O, 1, …) for convs
+        std::vector<int64_t> shape(static_cast<size_t>(ndim > 2 ? ndim : 1), 1);
+        shape[ndim > 2 ? 1 : 0] = x.numel();
+        x = x.reshape(shape);
+      }
+    }
+    return form;
+  };
+  a.from_peft = [](TensorMap& t, double scale) {
+    if (auto it = t.find("dora_scale"); it != t.end()) {
+      // PEFT's magnitude: (O,) for Linear, (1, O, 1, …) for convs → dora_scale (O, 1, …)
+      auto down = F::optional(t, "lora_down.weight");
+      std::vector<int64_t> shape(static_cast<size_t>(down.defined() ? down.dim() : 2), 1);
+      shape[0] = it->second.numel();
+      it->second = it->second.reshape(shape).contiguous();
+    }
+    low_rank_from_peft(t, scale, stored_size(t, {"lora_down.weight"}), "lora_up.weight");
+  };
   return a;
 }
 

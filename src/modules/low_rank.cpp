@@ -151,4 +151,70 @@ bool LowRankAdapter::in_compute(const torch::TensorOptions& compute, std::initia
   return true;
 }
 
+// ---------------------------------------------------------------- registry pieces
+
+const std::vector<std::string>& low_rank_options() {
+  static const std::vector<std::string> o = {"tucker",  "use_scalar", "dora",        "rs_lora",
+                                             "dropout", "rank_dropout", "rank_dropout_scale"};
+  return o;
+}
+
+const std::vector<std::string>& lokr_options() {
+  static const std::vector<std::string> o = [] {
+    auto v = low_rank_options();
+    v.insert(v.end(), {"factor", "decompose_both", "full_matrix", "unbalanced_factorization"});
+    return v;
+  }();
+  return o;
+}
+
+bool dora_on_input_axis(const TensorMap& t) {
+  auto it = t.find("dora_scale");
+  return it != t.end() && it->second.dim() >= 2 && it->second.size(0) == 1 && it->second.size(1) > 1;
+}
+
+LoaderNotes low_rank_loader_notes(const std::string& algo, const std::string& module, const TensorMap& t, int64_t rank) {
+  LoaderNotes out;
+  const double alpha = alpha_or_nan(module, t);
+  if (dora_on_input_axis(t))
+    out.push_back({"DoRA on the input axis",
+                   "dora_scale (1, in, …) is the LyCORIS < 3.2 convention (wd_on_output=False): the reference "
+                   "LyCORIS ≥ 3.2 loader cannot load it (docs/loaders.md#q8-dora-input-axis); PEFT has no input-axis DoRA; ComfyUI detects the "
+                   "axis from the shape; stable-diffusion.cpp ignores dora_scale"});
+  else if (t.count("dora_scale"))
+    out.push_back({"DoRA on the output axis",
+                   "dora_scale (out, 1, …): sd-webui always normalises per input column (silently wrong "
+                   "broadcast); ComfyUI uses ‖W‖ instead of ‖W+ΔW‖ on this axis (PR #15458); at strength m ≠ 1 "
+                   "ComfyUI/sd-webui interpolate W → W_dora linearly while LyCORIS renders (W+ΔW)·(m(g−1)+1) "
+                   "(docs/loaders.md#q6-dora-strength); stable-diffusion.cpp ignores dora_scale"});
+  if (algo != "lora" && rank > 0 && !std::isnan(alpha) && alpha != static_cast<double>(rank))
+    out.push_back({"LoHa/LoKr with alpha ≠ rank",
+                   "the reference LyCORIS tools/merge.py applies alpha/rank twice (docs/loaders.md#q1-merge-applies-alpha-twice); ComfyUI, sd-webui, "
+                   "stable-diffusion.cpp, PEFT and this tool apply it once"});
+  return out;
+}
+
+PeftForm low_rank_peft_form(const std::string& algo, const TensorMap& t, double scale, const std::string& fold_key) {
+  PeftForm f;
+  if (t.count("dora_scale") && algo != "lora") {
+    f.refusal = algo + " with DoRA: PEFT has DoRA for LoRA only";
+    return f;
+  }
+  if (dora_on_input_axis(t)) {
+    f.refusal = "DoRA on the input axis: PEFT normalises per output row";
+    return f;
+  }
+  for (const auto& [suffix, x] : t)
+    if (suffix != "alpha") f.tensors.emplace_back(suffix, suffix == fold_key && scale != 1.0 ? folded(x, scale) : x);
+  return f;
+}
+
+void low_rank_from_peft(TensorMap& t, double scale, int64_t rank, const std::string& fold_key) {
+  if (t.count("alpha")) return;  // the file's own
+  if (rank > 0)
+    t["alpha"] = torch::tensor(static_cast<float>(scale * static_cast<double>(rank)));
+  else if (scale != 1.0 && t.count(fold_key))
+    t[fold_key] = folded(t.at(fold_key), scale);
+}
+
 }  // namespace lycoris

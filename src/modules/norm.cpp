@@ -78,6 +78,11 @@ Algorithm norm_algorithm() {
   a.create = create_adapter<NormImpl>;
   a.rank = [](const TensorMap&) -> int64_t { return 0; };
   a.supports = [](const LayerSpec& layer) { return layer.is_norm(); };
+  a.options = {"rank_dropout", "rank_dropout_scale"};
+  a.loader_notes = [](const std::string&, const TensorMap&) {
+    return LoaderNotes{{"Norm", "sd-webui needs both w_norm and b_norm; stable-diffusion.cpp does not apply them"}};
+  };
+  a.peft_refusal = peft_lacks("norm", "LoRA-family files have no such tensors");
   return a;
 }
 

@@ -2,6 +2,8 @@
 
 #include <torch/torch.h>
 
+#include <cmath>
+
 #include "lycoris/error.hpp"
 #include "lycoris/functional/common.hpp"
 #include "lycoris/functional/diag_oft.hpp"
@@ -36,6 +38,23 @@ NamedTensors OFTAdapter::file_tensors() const {
   NamedTensors out{{"oft_blocks", oft_blocks.detach()}};
   if (rescale.defined()) out.emplace_back("rescale", rescale.detach());
   out.emplace_back("alpha", alpha_tensor_.detach());
+  return out;
+}
+
+LoaderNotes oft_loader_notes(const std::string& module, const TensorMap& t) {
+  LoaderNotes out;
+  const double alpha = alpha_or_nan(module, t);
+  if (!std::isnan(alpha) && alpha != 0)
+    out.push_back({"OFT/BOFT constraint units",
+                   "alpha is the constraint: LyCORIS and sd-webui clip ‖Q‖ at alpha·out_features (docs/loaders.md#q20-oft-constraint), "
+                   "ComfyUI at alpha (out_features times tighter)"});
+  if (!std::isnan(alpha) && alpha == 0)
+    out.push_back({"OFT constraint 0", "older sd-webui clamps ‖Q‖ to alpha·out = 0: the adapter does nothing there"});
+  out.push_back({"OFT/BOFT strength", "ComfyUI applies the strength twice (s² for Diag-OFT, per factor and again "
+                                      "for BOFT), sd-webui linearly on ΔW; all agree at strength 1; PEFT OFT/BOFT "
+                                      "files are not compatible; stable-diffusion.cpp has no OFT"});
+  if (t.count("rescale"))
+    out.push_back({"OFT rescale", "ComfyUI ignores 'rescale'; LyCORIS applies it fully at any strength (docs/loaders.md#q19-rescale-ignores-multiplier)"});
   return out;
 }
 

@@ -101,6 +101,13 @@ const std::vector<std::pair<std::string, std::string>>& peft_suffixes() {
   return s;
 }
 
+std::string peft_key_suffix(const std::string& lycoris_suffix) {
+  if (lycoris_suffix == "lora_down.weight") return "lora_A.weight";
+  if (lycoris_suffix == "lora_up.weight") return "lora_B.weight";
+  if (lycoris_suffix == "dora_scale") return "lora_magnitude_vector";  // (O,) for Linear, (1, O, 1, …) for convs
+  return lycoris_suffix;
+}
+
 bool peft_only_suffix(const std::string& key) {
   for (const char* s : {".lora_A.weight", ".lora_B.weight", ".lora_A.default.weight", ".lora_B.default.weight",
                         ".lora.down.weight", ".lora.up.weight", ".lora_magnitude_vector",

@@ -32,32 +32,18 @@ void check_network_options(const NetworkOptions& o) {
 
 nlohmann::json options_json(const NetworkOptions& n) {
   const auto& o = n.module();
-  return {{"algo", o.algo()},
-          {"multiplier", n.multiplier()},
-          {"linear_dim", n.linear_dim()},
-          {"linear_alpha", n.linear_alpha()},
-          {"conv_dim", n.conv_dim()},
-          {"conv_alpha", n.conv_alpha()},
-          {"train_norm", n.train_norm()},
-          {"preset", n.preset().name},
-          {"use_tucker", o.tucker()},
-          {"use_scalar", o.use_scalar()},
-          {"weight_decompose", o.dora()},
-          {"wd_on_out", o.wd_on_out()},
-          {"rs_lora", o.rs_lora()},
-          {"dropout", o.dropout()},
-          {"rank_dropout", o.rank_dropout()},
-          {"rank_dropout_scale", o.rank_dropout_scale()},
-          {"module_dropout", o.module_dropout()},
-          {"factor", o.factor()},
-          {"decompose_both", o.decompose_both()},
-          {"full_matrix", o.full_matrix()},
-          {"unbalanced_factorization", o.unbalanced_factorization()},
-          {"block_size", o.block_size()},
-          {"constraint", o.constraint()},
-          {"rescaled", o.rescaled()},
-          {"train_on_input", o.train_on_input()},
-          {"bypass_mode", o.bypass_mode()}};
+  nlohmann::json j = {{"algo", o.algo()},
+                      {"multiplier", n.multiplier()},
+                      {"linear_dim", n.linear_dim()},
+                      {"linear_alpha", n.linear_alpha()},
+                      {"conv_dim", n.conv_dim()},
+                      {"conv_alpha", n.conv_alpha()},
+                      {"train_norm", n.train_norm()},
+                      {"preset", n.preset().name}};
+#define LYCORIS_OPTION_JSON(type, field, init, key, aliases, scope) j[key] = o.field();
+  LYCORIS_MODULE_OPTIONS(LYCORIS_OPTION_JSON)
+#undef LYCORIS_OPTION_JSON
+  return j;
 }
 
 }  // namespace

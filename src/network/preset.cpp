@@ -11,6 +11,7 @@
 #include <mutex>
 #include <regex>
 #include <sstream>
+#include <type_traits>
 #include <toml++/toml.h>
 #include <unordered_map>
 
@@ -62,52 +63,41 @@ double as_real(const OptionValue& v) {
   return std::holds_alternative<int64_t>(v) ? static_cast<double>(std::get<int64_t>(v)) : std::get<double>(v);
 }
 
-#define LYCORIS_BOOL_KEY(field) \
-  OptionKey { Kind::Bool, [](AdapterOptions& o, const OptionValue& v) { o.field(as_bool(v)); } }
-#define LYCORIS_INT_KEY(field) \
-  OptionKey { Kind::Int, [](AdapterOptions& o, const OptionValue& v) { o.field(as_int(v)); } }
-#define LYCORIS_REAL_KEY(field) \
-  OptionKey { Kind::Real, [](AdapterOptions& o, const OptionValue& v) { o.field(as_real(v)); } }
-
-// Reference spelling first (docs/training.md#overrides), then aliases.
-const std::map<std::string, OptionKey>& option_keys() {
-  static const std::map<std::string, OptionKey> keys = {
-      {"algo", {Kind::String, nullptr}},
-      {"dim", {Kind::Int, nullptr}},
-      {"alpha", {Kind::Real, nullptr}},
-      {"use_tucker", LYCORIS_BOOL_KEY(tucker)},
-      {"weight_decompose", LYCORIS_BOOL_KEY(dora)},
-      {"wd_on_out", LYCORIS_BOOL_KEY(wd_on_out)},
-      {"rs_lora", LYCORIS_BOOL_KEY(rs_lora)},
-      {"use_scalar", LYCORIS_BOOL_KEY(use_scalar)},
-      {"rank_dropout_scale", LYCORIS_BOOL_KEY(rank_dropout_scale)},
-      {"bypass_mode", LYCORIS_BOOL_KEY(bypass_mode)},
-      {"factor", LYCORIS_INT_KEY(factor)},
-      {"decompose_both", LYCORIS_BOOL_KEY(decompose_both)},
-      {"full_matrix", LYCORIS_BOOL_KEY(full_matrix)},
-      {"unbalanced_factorization", LYCORIS_BOOL_KEY(unbalanced_factorization)},
-      {"constraint", LYCORIS_REAL_KEY(constraint)},
-      {"rescaled", LYCORIS_BOOL_KEY(rescaled)},
-      {"block_size", LYCORIS_INT_KEY(block_size)},
-      {"train_on_input", LYCORIS_BOOL_KEY(train_on_input)},
-      {"dropout", LYCORIS_REAL_KEY(dropout)},
-      {"rank_dropout", LYCORIS_REAL_KEY(rank_dropout)},
-      {"module_dropout", LYCORIS_REAL_KEY(module_dropout)},
-      // aliases
-      {"rank", {Kind::Int, nullptr}},
-      {"tucker", LYCORIS_BOOL_KEY(tucker)},
-      {"use_cp", LYCORIS_BOOL_KEY(tucker)},
-      {"dora", LYCORIS_BOOL_KEY(dora)},
-      {"dora_wd", LYCORIS_BOOL_KEY(dora)},
-      {"wd_on_output", LYCORIS_BOOL_KEY(wd_on_out)},
-      {"constrain", LYCORIS_REAL_KEY(constraint)},
-  };
-  return keys;
+template <class T>
+constexpr Kind kind_of() {
+  if constexpr (std::is_same_v<T, bool>) return Kind::Bool;
+  else if constexpr (std::is_integral_v<T>) return Kind::Int;
+  else return Kind::Real;
 }
 
-#undef LYCORIS_BOOL_KEY
-#undef LYCORIS_INT_KEY
-#undef LYCORIS_REAL_KEY
+template <class T>
+T option_value(const OptionValue& v) {
+  if constexpr (std::is_same_v<T, bool>) return as_bool(v);
+  else if constexpr (std::is_integral_v<T>) return as_int(v);
+  else return as_real(v);
+}
+
+// The reference spellings and their aliases (docs/training.md#overrides), from LYCORIS_MODULE_OPTIONS; algo, dim
+// (alias rank) and alpha are read by the caller.
+const std::map<std::string, OptionKey>& option_keys() {
+  static const std::map<std::string, OptionKey> keys = [] {
+    std::map<std::string, OptionKey> k = {{"algo", {Kind::String, nullptr}},
+                                          {"dim", {Kind::Int, nullptr}},
+                                          {"rank", {Kind::Int, nullptr}},
+                                          {"alpha", {Kind::Real, nullptr}}};
+    auto add = [&k](const std::string& key, const std::string& aliases, const OptionKey& option) {
+      k.emplace(key, option);
+      std::istringstream words(aliases);
+      for (std::string alias; words >> alias;) k.emplace(alias, option);
+    };
+#define LYCORIS_OPTION_KEY(type, field, init, key, aliases, scope) \
+  add(key, aliases, {kind_of<type>(), [](AdapterOptions& o, const OptionValue& v) { o.field(option_value<type>(v)); }});
+    LYCORIS_MODULE_OPTIONS(LYCORIS_OPTION_KEY)
+#undef LYCORIS_OPTION_KEY
+    return k;
+  }();
+  return keys;
+}
 
 const char* kind_name(Kind k) {
   switch (k) {

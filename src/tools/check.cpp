@@ -63,91 +63,6 @@ std::string merge_overflow(const io::SafetensorsFile& base, const naming::BaseLa
   return buf;
 }
 
-bool has(const TensorMap& t, const char* k) { return t.count(k) > 0; }
-
-// Where other loaders read a module differently (docs/loaders.md#summary, docs/loaders.md#quirks); (topic, text) pairs.
-std::vector<std::pair<std::string, std::string>> loader_notes(const std::string& name, const Algorithm& algo,
-                                                              const TensorMap& t) {
-  std::vector<std::pair<std::string, std::string>> out;
-  const std::string& a = algo.name;
-  const int64_t rank = algo.rank ? algo.rank(t) : 0;
-  double alpha = std::nan("");
-  if (has(t, "alpha")) alpha = F::scalar_value(t.at("alpha"), name, "alpha");
-  if (auto it = t.find("dora_scale"); it != t.end()) {
-    const auto& d = it->second;
-    if (d.dim() >= 2 && d.size(0) == 1 && d.size(1) > 1)
-      out.emplace_back("DoRA on the input axis",
-                       "dora_scale (1, in, …) is the LyCORIS < 3.2 convention (wd_on_output=False): the reference "
-                       "LyCORIS ≥ 3.2 loader cannot load it (docs/loaders.md#q8-dora-input-axis); PEFT has no input-axis DoRA; ComfyUI detects the "
-                       "axis from the shape; stable-diffusion.cpp ignores dora_scale");
-    else
-      out.emplace_back("DoRA on the output axis",
-                       "dora_scale (out, 1, …): sd-webui always normalises per input column (silently wrong "
-                       "broadcast); ComfyUI uses ‖W‖ instead of ‖W+ΔW‖ on this axis (PR #15458); at strength m ≠ 1 "
-                       "ComfyUI/sd-webui interpolate W → W_dora linearly while LyCORIS renders (W+ΔW)·(m(g−1)+1) "
-                       "(docs/loaders.md#q6-dora-strength); stable-diffusion.cpp ignores dora_scale");
-  }
-  if ((a == "loha" || a == "lokr") && rank > 0 && !std::isnan(alpha) && alpha != static_cast<double>(rank))
-    out.emplace_back("LoHa/LoKr with alpha ≠ rank",
-                     "the reference LyCORIS tools/merge.py applies alpha/rank twice (docs/loaders.md#q1-merge-applies-alpha-twice); ComfyUI, sd-webui, "
-                     "stable-diffusion.cpp, PEFT and this tool apply it once");
-  if (a == "lokr") {
-    if (rank == 0 && !std::isnan(alpha) && alpha != 1.0)
-      out.emplace_back("LoKr with both factors full",
-                       "LyCORIS and ComfyUI ignore alpha (scale 1); PEFT applies lora_alpha/r");
-    if (rank == 1 && !std::isnan(alpha) && alpha != 1.0)
-      out.emplace_back("rank-1 LoKr", "stable-diffusion.cpp uses scale 1 for rank-1 LoKr (LyCORIS: alpha/1)");
-    if (has(t, "lokr_t2"))
-      out.emplace_back("LoKr Tucker", "stable-diffusion.cpp leaves lokr_t2 modules unused; the reference LyCORIS "
-                                      "loader fails on Tucker LoKr files (docs/loaders.md#q4-lokr-loader-refactorizes)");
-    if (has(t, "lokr_w2") && t.at("lokr_w2").dim() > 2)
-      out.emplace_back("LoKr conv with a full 4-D lokr_w2",
-                       "stable-diffusion.cpp's per-dimension Kronecker puts lokr_w1 on the kernel dimensions "
-                       "(unverified by execution)");
-  }
-  if (a == "lora") {
-    if (has(t, "lora_mid.weight"))
-      out.emplace_back("LoRA Tucker core", "kohya sd-scripts LoRA has no lora_mid (cannot load it); ComfyUI, sd-webui "
-                                           "and stable-diffusion.cpp read it");
-    const auto& up = t.at("lora_up.weight");
-    if (has(t, "lora_down.weight") && t.at("lora_down.weight").dim() > 2 && up.dim() == 2)
-      out.emplace_back("2-D conv lora_up (DyLoRA)", "the reference LyCORIS loader cannot load a 2-D conv lora_up (docs/loaders.md#q23-dylora)");
-  }
-  if ((a == "lora" || a == "loha" || a == "lokr" || a == "glora") && rank > 0 && std::isnan(alpha))
-    out.emplace_back("no alpha", "the reference LyCORIS loader crashes without alpha (docs/loaders.md#q31-loader-crashes); this tool, ComfyUI and "
-                                 "sd-webui use scale 1 (alpha = rank)");
-  if (a == "diag-oft" || a == "boft") {
-    if (!std::isnan(alpha) && alpha != 0)
-      out.emplace_back("OFT/BOFT constraint units",
-                       "alpha is the constraint: LyCORIS and sd-webui clip ‖Q‖ at alpha·out_features (docs/loaders.md#q20-oft-constraint), "
-                       "ComfyUI at alpha (out_features times tighter)");
-    if (!std::isnan(alpha) && alpha == 0)
-      out.emplace_back("OFT constraint 0", "older sd-webui clamps ‖Q‖ to alpha·out = 0: the adapter does nothing there");
-    out.emplace_back("OFT/BOFT strength", "ComfyUI applies the strength twice (s² for Diag-OFT, per factor and again "
-                                          "for BOFT), sd-webui linearly on ΔW; all agree at strength 1; PEFT OFT/BOFT "
-                                          "files are not compatible; stable-diffusion.cpp has no OFT");
-    if (has(t, "rescale"))
-      out.emplace_back("OFT rescale", "ComfyUI ignores 'rescale'; LyCORIS applies it fully at any strength (docs/loaders.md#q19-rescale-ignores-multiplier)");
-  }
-  if (a == "ia3")
-    out.emplace_back("(IA)^3", "ComfyUI and stable-diffusion.cpp do not load (IA)^3 ('lora key not loaded'); the "
-                               "reference LyCORIS cannot load it (docs/loaders.md#q10-ia3-unreachable); PEFT's ia3_l = 1 + weight; sd-webui does not "
-                               "broadcast conv vectors");
-  if (a == "glora")
-    out.emplace_back("GLoRA", "sd-webui reads the old GLoRA layout (shape error on current files) and ignores alpha; "
-                              "PEFT's GLoRA is a different algorithm; stable-diffusion.cpp has no GLoRA");
-  if (a == "full" && has(t, "diff_b"))
-    out.emplace_back("Full with diff_b", "the reference LyCORIS merge crashes on Full modules with a bias (docs/loaders.md#q24-full-broken)");
-  if (a == "norm")
-    out.emplace_back("Norm", "sd-webui needs both w_norm and b_norm; stable-diffusion.cpp does not apply them");
-  if (a == "glokr") out.emplace_back("GLoKr", "lycoris-cpp's own algorithm (docs/glokr.md): no other loader reads it");
-  if (has(t, "bias_indices") || has(t, "bias_values"))
-    out.emplace_back("sparse bias", "bias_indices/bias_values/bias_size: this tool adds the dense residual to ΔW "
-                                    "(unscaled), every other loader (LyCORIS, ComfyUI, sd-webui, stable-diffusion.cpp) "
-                                    "ignores it");
-  return out;
-}
-
 }  // namespace
 
 size_t CheckReport::problems() const {
@@ -231,12 +146,13 @@ CheckReport check(const std::string& adapter_path, const std::string& base_path,
         families.insert(family(target->path));
       }
       try {
-        for (auto& [topic, text] : loader_notes(m.name, *algo, m.tensors)) {
-          auto& n = notes[topic];
-          n.topic = topic;
-          n.text = text;
-          n.modules.push_back(m.name);
-        }
+        if (algo->loader_notes)
+          for (auto& note : algo->loader_notes(m.name, m.tensors)) {
+            auto& n = notes[note.topic];
+            n.topic = note.topic;
+            n.text = note.text;
+            n.modules.push_back(m.name);
+          }
       } catch (const Error&) {  // unreadable alpha etc.: already reported as malformed by the loader
       }
     }

@@ -107,47 +107,19 @@ double lycoris_scale(const Algorithm& algo, const std::string& name, const Tenso
   return F::scalar_value(it->second, name, "alpha") / static_cast<double>(r);
 }
 
-// The factor of a module that carries the scale when it is folded: ΔW is linear in it.
-const char* fold_key(const std::string& algo, const TensorMap& t) {
-  if (algo == "lora") return "lora_up.weight";
-  if (algo == "loha") return "hada_w1_a";
-  if (algo == "lokr") return t.count("lokr_w1") ? "lokr_w1" : "lokr_w1_a";
-  return nullptr;
-}
-
-// x·s computed in fp64, stored back in x's dtype (one rounding).
-torch::Tensor scaled(const torch::Tensor& x, double s) {
-  return (x.to(torch::kFloat64) * s).to(x.scalar_type()).contiguous();
-}
-
-torch::Tensor alpha_tensor(double a) { return torch::tensor(static_cast<float>(a)); }
-
-// PEFT modules: tensors translated to LyCORIS suffixes and alpha made explicit.
+// PEFT modules: shapes restored and alpha made explicit, by the algorithm's registry entry.
 void finish_peft_module(NamedModule& m, const PeftConfig& cfg, AdapterContents& out, bool& noted_default) {
-  auto& t = m.tensors;
-  if (auto it = t.find("dora_scale"); it != t.end()) {
-    // PEFT magnitude: (O,) for Linear, (1, O, 1, …) for convs → LyCORIS dora_scale (O, 1, …)
-    auto down = t.count("lora_down.weight") ? t.at("lora_down.weight") : torch::Tensor();
-    const int64_t ndim = down.defined() ? down.dim() : 2;
-    std::vector<int64_t> shape(static_cast<size_t>(ndim), 1);
-    shape[0] = it->second.numel();
-    it->second = it->second.reshape(shape).contiguous();
-  }
-  const Algorithm* algo = detect_algorithm(t);
-  if (!algo || t.count("alpha")) return;
-  const int64_t r = algo->rank ? algo->rank(t) : 0;
+  const Algorithm* algo = detect_algorithm(m.tensors);
+  if (!algo || !algo->from_peft) return;
   double s = 1.0;
-  if (cfg.found) {
+  if (m.tensors.count("alpha")) {
+  } else if (cfg.found) {
     s = cfg.scale(m.path);
   } else if (!noted_default) {
     out.notes.push_back("no alpha keys and no adapter_config.json next to the file: PEFT scale 1 (lora_alpha = r) assumed");
     noted_default = true;
   }
-  if (r > 0) {
-    t["alpha"] = alpha_tensor(s * static_cast<double>(r));
-  } else if (s != 1.0) {  // LoKr with both factors full: LyCORIS reads scale 1 → fold PEFT's α/r
-    if (const char* k = fold_key(algo->name, t)) t[k] = scaled(t.at(k), s);
-  }
+  algo->from_peft(m.tensors, s);
 }
 
 }  // namespace
@@ -273,24 +245,6 @@ void fill_paths(AdapterContents& in, const ConvertOptions& o, ConvertReport& rep
         if (auto d = table->to_diffusers(m.path)) m.path = *d;
 }
 
-// Why PEFT cannot express a module ("" = it can).
-std::string peft_refusal(const Algorithm* algo, const TensorMap& t) {
-  if (!algo) return "no known algorithm";
-  const std::string& a = algo->name;
-  if (a != "lora" && a != "loha" && a != "lokr")
-    return a + " (PEFT's " + (a == "ia3" ? "IA3 is a separate tuner with multiplicative ia3_l = 1 + w"
-                              : a == "glora" ? "GLoRA is a different algorithm"
-                              : (a == "diag-oft" || a == "boft") ? "OFT/BOFT rotate the input side with other tensors"
-                                                                 : "LoRA-family files have no such tensors") + ")";
-  if (t.count("lora_mid.weight")) return "LoRA with a Tucker core (lora_mid): PEFT LoRA has no mid factor";
-  if (auto it = t.find("dora_scale"); it != t.end()) {
-    if (a != "lora") return a + " with DoRA: PEFT has DoRA for LoRA only";
-    const auto& d = it->second;
-    if (d.dim() >= 2 && d.size(0) == 1 && d.size(1) > 1) return "DoRA on the input axis: PEFT normalises per output row";
-  }
-  return "";
-}
-
 }  // namespace
 
 ConvertReport convert(const std::string& input, const std::string& output, const ConvertOptions& o) {
@@ -323,44 +277,32 @@ ConvertReport convert(const std::string& input, const std::string& output, const
       continue;
     }
     const Algorithm* algo = detect_algorithm(m.tensors);
-    if (auto why = peft_refusal(algo, m.tensors); !why.empty()) {
-      refused.push_back(m.name + ": " + why);
+    if (!algo || !algo->to_peft) {
+      refused.push_back(m.name + ": " + (algo ? algo->peft_refusal : std::string("no known algorithm")));
       continue;
     }
-    const double s = lycoris_scale(*algo, m.name, m.tensors);
-    const std::string base = naming::peft_component_prefix(m.component) + m.path + ".";
-    const char* fold = fold_key(algo->name, m.tensors);
-    if (s != 1.0) ++report.folded;
-    const auto down = m.tensors.count("lora_down.weight") ? m.tensors.at("lora_down.weight") : torch::Tensor();
-    for (const auto& [suffix, t0] : m.tensors) {
-      if (suffix == "alpha") continue;  // folded
+    TensorMap own;  // the algorithm's tensors; sparse-bias residuals have no PEFT equivalent
+    bool unknown = false;
+    for (const auto& [suffix, t] : m.tensors) {
       if (sparse_bias_suffixes().count(suffix)) {
         ++dropped_sparse;
-        continue;
-      }
-      if (std::find(algo->suffixes.begin(), algo->suffixes.end(), suffix) == algo->suffixes.end()) {
+      } else if (std::find(algo->suffixes.begin(), algo->suffixes.end(), suffix) == algo->suffixes.end()) {
         refused.push_back(m.name + ": key '" + suffix + "' has no PEFT equivalent");
-        continue;
+        unknown = true;
+      } else {
+        own.emplace(suffix, t);
       }
-      torch::Tensor t = (fold && suffix == fold && s != 1.0) ? scaled(t0, s) : t0;
-      std::string key = suffix;
-      if (suffix == "lora_down.weight") key = "lora_A.weight";
-      if (suffix == "lora_up.weight") {
-        key = "lora_B.weight";
-        if (down.dim() > 2 && t.dim() == 2) {  // DyLoRA's 2-D conv lora_up (docs/loaders.md#q23-dylora) → (O, r, 1, …)
-          std::vector<int64_t> shape = t.sizes().vec();
-          shape.resize(static_cast<size_t>(down.dim()), 1);
-          t = t.reshape(shape);
-        }
-      }
-      if (suffix == "dora_scale") {
-        key = "lora_magnitude_vector";  // PEFT: (O,) for Linear, (1, O, 1, …) for convs
-        std::vector<int64_t> shape(static_cast<size_t>(down.dim() > 2 ? down.dim() : 1), 1);
-        shape[down.dim() > 2 ? 1 : 0] = t.numel();
-        t = t.reshape(shape);
-      }
-      tensors.emplace_back(base + key, t.contiguous());
     }
+    if (unknown) continue;
+    const double s = lycoris_scale(*algo, m.name, m.tensors);
+    auto form = algo->to_peft(own, s);
+    if (!form.refusal.empty()) {
+      refused.push_back(m.name + ": " + form.refusal);
+      continue;
+    }
+    if (s != 1.0) ++report.folded;
+    const std::string base = naming::peft_component_prefix(m.component) + m.path + ".";
+    for (const auto& [suffix, t] : form.tensors) tensors.emplace_back(base + naming::peft_key_suffix(suffix), t.contiguous());
   }
   if (!refused.empty()) {
     std::string s;

@@ -19,6 +19,11 @@ bool is_floating(DType d);      // F64, F32, F16, BF16 and both float8 formats
 bool has_torch_dtype(DType d);  // every dtype but float8
 // Parses a safetensors dtype name; returns false if unknown.
 bool parse_dtype(const std::string& name, DType& out);
+// Parses what a user may type for a dtype: the safetensors name or a usual spelling (fp16, float16, half,
+// bf16, bfloat16, fp32, float, fp64, …); false if unknown.
+bool parse_user_dtype(const std::string& spelling, DType& out);
+// The short spelling users type for it ("fp16").
+std::string dtype_spelling(DType d);
 
 // Exact decoding of one float8 byte to float (every value of both formats is representable in F32).
 float f8_e4m3_to_f32(uint8_t byte);

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "lycoris/adapter.hpp"
+#include "lycoris/algorithms.hpp"
 
 namespace lycoris {
 
@@ -35,5 +36,15 @@ AdapterPtr create_adapter(const LayerSpec& layer, const AdapterOptions& options)
 // module's shapes for `info`.
 int64_t stored_size(const TensorMap& tensors, std::initializer_list<const char*> keys, int64_t dim = 0);
 bool supports_weight_layer(const LayerSpec& layer);
+
+// For the registry's loader notes and PEFT forms (algorithms.hpp):
+// The stored alpha of a module's tensors, NaN when it has none.
+double alpha_or_nan(const std::string& module, const TensorMap& tensors);
+// The note every rank-r algorithm shares: the reference's loader crashes without alpha.
+void note_missing_alpha(LoaderNotes& notes, int64_t rank, double alpha);
+// x·s computed in fp64, stored back in x's dtype (one rounding): a scale folded into a factor.
+torch::Tensor folded(const torch::Tensor& x, double s);
+// The (unsupported) reason of an algorithm PEFT has no adapter for.
+std::string peft_lacks(const std::string& algo, const std::string& why);
 
 }  // namespace lycoris

@@ -6,8 +6,10 @@
 #include <initializer_list>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "lycoris/adapter.hpp"
+#include "lycoris/algorithms.hpp"
 
 namespace lycoris {
 
@@ -78,5 +80,19 @@ void check_low_rank_options(const LayerSpec& layer, const AdapterOptions& option
 double stored_alpha(const AdapterOptions& options);
 // The stored alpha of a module (any numeric dtype, shape () or (1,)); `rank` when absent (docs/format.md#alpha).
 double read_alpha(const TensorMap& tensors, const std::string& module, int64_t rank);
+
+// Registry pieces the low-rank family shares (algorithms.hpp):
+// the options LoRA and LoHa read, and LoKr/GLoKr (plus the factorization's);
+const std::vector<std::string>& low_rank_options();
+const std::vector<std::string>& lokr_options();
+// loader notes on dora_scale's axis, a missing alpha, and for LoHa/LoKr an alpha ≠ rank;
+LoaderNotes low_rank_loader_notes(const std::string& algo, const std::string& module, const TensorMap& tensors,
+                                  int64_t rank);
+// PEFT's form: DoRA is LoRA's only (refused for `algo` ≠ "lora"), the scale folded into `fold_key`'s factor;
+PeftForm low_rank_peft_form(const std::string& algo, const TensorMap& tensors, double scale, const std::string& fold_key);
+// from PEFT (unless the module has an alpha): alpha = scale·rank, or the scale folded into `fold_key` where no rank reads alpha (LoKr, both full).
+void low_rank_from_peft(TensorMap& tensors, double scale, int64_t rank, const std::string& fold_key);
+// Whether dora_scale is (1, in, …): the input-axis convention of LyCORIS < 3.2.
+bool dora_on_input_axis(const TensorMap& tensors);
 
 }  // namespace lycoris
