@@ -204,6 +204,22 @@ std::pair<torch::Tensor, torch::Tensor> base_weights(const HostLayer& layer) {
   return {layer.weight(), layer.bias()};
 }
 
+bool stale(const HostLayer& layer, const void* owner) {
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  auto b = find_binding(layer);
+  if (!b) return false;
+  for (const auto& e : b->entries)
+    if (e.owner == owner && e.snapshot)
+      for (size_t i = 0; i < e.snapshot->params.size(); ++i)
+        if (e.snapshot->params[i]._version() != e.snapshot->versions[i]) return true;
+  return false;
+}
+
+void freeze_base(const HostLayer& layer) {
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  if (auto b = find_binding(layer)) b->w_rg = b->b_rg = false;
+}
+
 void set_base_bias(const HostLayer& layer, const torch::Tensor& bias) {
   std::lock_guard<std::mutex> lock(registry_mutex());
   if (auto b = find_binding(layer)) b->b0 = bias;
