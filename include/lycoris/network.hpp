@@ -1,14 +1,15 @@
 // A LyCORIS network: the adapters created for one host model (docs/training.md), trained, saved, loaded,
 // applied and merged without modifying the model's code.
 //
-//   auto net = lycoris::create_lycoris(model, 1.0, 8, 4, lycoris::NetworkOptions()
-//                  .preset(lycoris::Preset::builtin("attn-mlp")).module(lycoris::LoKrOptions().algo("lokr")));
+//   auto net = lycoris::create_lycoris(model, lycoris::NetworkOptions().linear_dim(8).linear_alpha(4)
+//                  .module(lycoris::LoKrOptions().factor(8)));  // OptionError when nothing matches
+//   net->freeze_model();                               // the model's own parameters never train
 //   net->apply_to();                                   // binds W0 + m·ΔW into every adapted layer
+//   std::cout << net->summary().text();                // what trains
 //   torch::optim::AdamW opt(net->parameters(), 1e-3);  // adapter parameters only
 //   for (...) {
 //     auto loss = ...model->forward(x)...;  loss.backward();
-//     opt.step();  opt.zero_grad();
-//     net->on_step();                                  // ONCE PER STEP: per-step state + recompute weights
+//     net->step(opt);                                  // opt.step(), opt.zero_grad(), on_step()
 //   }
 //   net->save_weights("out.safetensors");              // reference format (docs/format.md)
 //   net->restore();                                    // the model is bit-identical to before apply_to
@@ -29,11 +30,12 @@
 // Forgetting it is loud: the bound weights carry a backward hook that throws lycoris::Error ("... call
 // on_step() or refresh() after optimizer.step() ...") when the adapter parameters changed since W' was
 // computed; a second backward through the same W' without refresh() fails in torch ("backward through
-// the graph a second time"). Forward passes without a backward (evaluation) read the weights as of the
-// last refresh(): call refresh() (or on_step()) after the last optimizer step. set_multiplier() and
-// apply_to() refresh by themselves. Dropouts (neuron/rank/module) follow the network's train()/eval()
-// mode and are drawn once per refresh(). Moving the model with ->to(device/dtype) while bound is not
-// supported: restore(), move, apply_to().
+// the graph a second time"). step(optimizer) does optimizer.step(), zero_grad() and on_step() together.
+// Forward passes without a backward (evaluation) read the weights as of the last refresh(); train()/eval(),
+// save_weights, merge_to and summary() refresh stale ones. set_multiplier() and apply_to() refresh by
+// themselves. Dropouts (neuron/rank/module) follow the network's train()/eval() mode and are drawn once
+// per refresh(). After model->to(device/dtype) while bound, call net->to(<the same>): it moves the adapters
+// and recomputes W' (refresh() detects a moved model and says so).
 //
 // BYPASS MODE (module option bypass_mode): y = W0·x + ΔW·x without materialising ΔW (AdapterImpl::
 // bypass_forward). It needs a forward that asks the adapters: the drop-in layers lycoris::nn::Linear /
