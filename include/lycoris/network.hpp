@@ -41,7 +41,7 @@
 // bypass_forward). It needs a forward that asks the adapters: the drop-in layers lycoris::nn::Linear /
 // Conv1d / Conv2d / Conv3d (lycoris/nn/layers.hpp, same constructors as torch::nn's). On any other layer
 // (plain torch::nn layers, norms) a bypass-mode module falls back to rebuild mode and the network records a
-// warning (warnings()). Drop-in layers also work in rebuild mode.
+// warning (warnings(), and logged once at creation). Drop-in layers also work in rebuild mode.
 //
 // STACKING: several networks can be applied to one model (same layers or not) and restored in any order;
 // each layer keeps its own list of attached adapters, shared by all networks.
@@ -212,7 +212,7 @@ LycorisNetwork create_lycoris(const torch::nn::ModuleHolder<ModuleType>& model, 
 // docs/training.md#loading: binds every module of `file` to the layer named "<prefix>_<path>" (prefix = the preset's
 // lora_prefix, then the other known prefixes), detects its algorithm and loads it with the real LayerSpec of
 // the torch layer (stride/padding/dilation/groups/eps/bias). File modules matching no layer are listed in
-// warnings(); a module whose shapes do not fit its layer is a ShapeError naming the module and the layer;
+// warnings() (KeyError when none matches); a module whose shapes do not fit its layer is a ShapeError naming the module and the layer;
 // a name denoting several layers that it all fits is a KeyError. Not applied yet.
 LycorisNetwork create_lycoris_from_weights(std::shared_ptr<torch::nn::Module> model, const std::string& file,
                                            double multiplier = 1.0, const Preset& preset = Preset());
