@@ -67,6 +67,8 @@ void run_info(const std::string& path, bool as_json, std::vector<nlohmann::order
     params += t.numel();
     bytes += t.nbytes();
   }
+  // an empty adapter (a network that adapted nothing, saved) is almost always a mistake: say so
+  if (file.tensors().empty()) warn(path + ": the file has no tensors (an adapter with no module?)");
   auto modules = describe_modules(file);
   bool adapter = false;
   std::map<std::string, int> per_algo;
