@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include <functional>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -15,6 +16,7 @@
 #include "lycoris/io/safetensors.hpp"
 #include "lycoris/network.hpp"
 #include "lycoris/nn/layers.hpp"
+#include "lycoris/tools/check.hpp"
 #include "test_util.hpp"
 
 namespace network_safety_test {
@@ -251,6 +253,25 @@ TEST(NetworkSafety, ScalarsBeyondTheSaveDtypeStayF32) {
       EXPECT_EQ(t.scalar_type(), torch::kHalf) << key;
     }
   }
+}
+
+// check agrees with the loaders: an alpha nothing reads (LoKr, both factors full: scale 1) may be Inf.
+TEST(NetworkSafety, CheckIgnoresTheRangeOfAnUnusedAlpha) {
+  const auto dir = test::temp_dir("safety-check");
+  io::save_file(dir + "/base.safetensors", {{"fc1.weight", torch::randn({16, 8})}});
+  const float inf = std::numeric_limits<float>::infinity();
+  io::save_file(dir + "/full.safetensors", {{"lycoris_fc1.lokr_w1", torch::randn({4, 2})},
+                                            {"lycoris_fc1.lokr_w2", torch::randn({4, 4})},
+                                            {"lycoris_fc1.alpha", torch::tensor(inf).to(torch::kHalf)}});
+  auto report = tools::check(dir + "/full.safetensors", dir + "/base.safetensors");
+  EXPECT_EQ(report.problems(), 0u) << report.text();
+  // where alpha is read (a low-rank factor), Inf is still a problem
+  io::save_file(dir + "/lowrank.safetensors", {{"lycoris_fc1.lokr_w1", torch::randn({4, 2})},
+                                               {"lycoris_fc1.lokr_w2_a", torch::randn({4, 1})},
+                                               {"lycoris_fc1.lokr_w2_b", torch::randn({1, 4})},
+                                               {"lycoris_fc1.alpha", torch::tensor(inf).to(torch::kHalf)}});
+  auto bad = tools::check(dir + "/lowrank.safetensors", dir + "/base.safetensors");
+  EXPECT_GT(bad.problems(), 0u) << bad.text();
 }
 
 }  // namespace network_safety_test
