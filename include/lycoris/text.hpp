@@ -14,6 +14,9 @@ namespace lycoris {
 // Names and keys come from files: printed raw, a name holding "\n" or an ANSI escape could forge lines.
 std::string escape_control(std::string_view text);
 
+// A tensor shape as "[2, 3]" (the one shape format of every message).
+std::string shape_text(const std::vector<int64_t>& shape);
+
 // The items separated by `sep`; past `max_items`, "<sep>… and N more".
 std::string join(const std::vector<std::string>& items, const std::string& sep, size_t max_items = SIZE_MAX);
 

@@ -7,7 +7,7 @@
 namespace lycoris::io {
 namespace {
 
-struct Entry {
+struct DTypeEntry {
   DType dtype;
   const char* name;
   size_t size;
@@ -15,7 +15,7 @@ struct Entry {
   bool torch;  // has a torch dtype (float8 is decoded to F32 instead)
 };
 // The one table: every other mapping (torch types, names, sizes) derives from it.
-constexpr Entry kTable[] = {
+constexpr DTypeEntry kTable[] = {
     {DType::F64, "F64", 8, true, true},          {DType::F32, "F32", 4, true, true},
     {DType::F16, "F16", 2, true, true},          {DType::BF16, "BF16", 2, true, true},
     {DType::I64, "I64", 8, false, true},         {DType::I32, "I32", 4, false, true},
@@ -24,7 +24,7 @@ constexpr Entry kTable[] = {
     {DType::F8_E4M3, "F8_E4M3", 1, true, false}, {DType::F8_E5M2, "F8_E5M2", 1, true, false},
 };
 
-const Entry& entry(DType d) {
+const DTypeEntry& entry(DType d) {
   for (const auto& e : kTable)
     if (e.dtype == d) return e;
   return kTable[0];  // unreachable: every enumerator is in the table

@@ -25,7 +25,7 @@ struct Snapshot {
   std::vector<uint32_t> versions;
 };
 
-struct Entry {
+struct Attachment {
   const void* owner;
   std::string name, path;
   AdapterPtr adapter;
@@ -38,7 +38,7 @@ struct Binding {
   HostLayerPtr layer;  // the view of the first network bound here
   torch::Tensor W0, b0;
   bool w_rg = false, b_rg = false;  // requires_grad of W0/b0 before binding
-  std::vector<Entry> entries;
+  std::vector<Attachment> entries;
 };
 
 std::mutex& registry_mutex() {
@@ -52,7 +52,7 @@ std::unordered_map<const void*, std::shared_ptr<Binding>>& registry() {
   return r;
 }
 
-void compute(Binding& b, Entry& e) {
+void compute(Binding& b, Attachment& e) {
   e.W = e.adapter->apply_weight(b.W0, *e.multiplier);
   e.b = e.adapter->apply_bias(b.b0, *e.multiplier);
   auto snap = std::make_shared<Snapshot>();
@@ -137,7 +137,7 @@ void bind(const NetworkModule& m, const void* owner, std::shared_ptr<const doubl
     slot = b;
   }
   auto& b = *slot;
-  Entry e{owner, m.name, m.path, m.adapter, std::move(multiplier), {}, {}, nullptr};
+  Attachment e{owner, m.name, m.path, m.adapter, std::move(multiplier), {}, {}, nullptr};
   try {
     // frozen while bound: gradients reach only the adapters
     b.W0.requires_grad_(false);
@@ -152,7 +152,7 @@ void bind(const NetworkModule& m, const void* owner, std::shared_ptr<const doubl
     throw;
   }
   auto& list = b.entries;
-  list.erase(std::remove_if(list.begin(), list.end(), [&](const Entry& x) { return x.owner == owner; }), list.end());
+  list.erase(std::remove_if(list.begin(), list.end(), [&](const Attachment& x) { return x.owner == owner; }), list.end());
   list.push_back(std::move(e));
   rebind(b);
 }
@@ -163,7 +163,7 @@ void unbind(const HostLayer& layer, const void* owner) {
   if (!b) return;
   auto& list = b->entries;
   const auto before = list.size();
-  list.erase(std::remove_if(list.begin(), list.end(), [&](const Entry& x) { return x.owner == owner; }), list.end());
+  list.erase(std::remove_if(list.begin(), list.end(), [&](const Attachment& x) { return x.owner == owner; }), list.end());
   if (list.size() == before) return;
   if (!list.empty()) {
     rebind(*b);
