@@ -5,7 +5,7 @@
 
 #include "lycoris/algorithms.hpp"
 #include "lycoris/error.hpp"
-#include "lycoris/tools/merge.hpp"
+#include "tools/merge/merge_tensor.hpp"
 #include "test_util.hpp"
 
 namespace fuzz_regressions_test {
