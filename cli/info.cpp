@@ -14,6 +14,7 @@
 #include "lycoris/error.hpp"
 #include "lycoris/functional/common.hpp"
 #include "lycoris/io/safetensors.hpp"
+#include "lycoris/text.hpp"
 
 namespace lycoris::cli {
 namespace {
@@ -45,13 +46,8 @@ std::vector<ModuleInfo> describe_modules(const io::SafetensorsFile& file) {
   return out;
 }
 
-std::string shape_text(const std::vector<int64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
 
-std::string number_text(double v) {
+std::string alpha_text(double v) {
   if (std::isnan(v)) return "-";
   std::ostringstream os;
   os << std::setprecision(8) << v;
@@ -67,6 +63,8 @@ void run_info(const std::string& path, bool as_json, std::vector<nlohmann::order
     params += t.numel();
     bytes += t.nbytes();
   }
+  // an empty adapter (a network that adapted nothing, saved) is almost always a mistake: say so
+  if (file.tensors().empty()) warn(path + ": the file has no tensors (an adapter with no module?)");
   auto modules = describe_modules(file);
   bool adapter = false;
   std::map<std::string, int> per_algo;
@@ -120,7 +118,7 @@ void run_info(const std::string& path, bool as_json, std::vector<nlohmann::order
     for (const auto& k : m.keys) keys += (keys.empty() ? "" : ", ") + io::printable(k);
     os << std::left << std::setw(static_cast<int>(mwidth)) << io::printable(m.name) << "  " << std::setw(9)
        << m.algorithm << "  " << std::setw(4) << (m.rank ? std::to_string(m.rank) : "-") << "  " << std::setw(8)
-       << number_text(m.alpha) << "  " << keys << (m.error.empty() ? "" : "  [" + m.error + "]") << "\n";
+       << alpha_text(m.alpha) << "  " << keys << (m.error.empty() ? "" : "  [" + m.error + "]") << "\n";
   }
   os << "\nalgorithms:";
   for (const auto& [a, n] : per_algo) os << " " << a << "=" << n;

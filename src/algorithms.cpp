@@ -2,7 +2,11 @@
 // its adapter module (src/modules/<algo>.cpp). Order = the reference's detection order (docs/format.md#detection).
 #include "lycoris/algorithms.hpp"
 
+#include <algorithm>
+#include <cctype>
+
 #include "lycoris/error.hpp"
+#include "lycoris/text.hpp"
 
 namespace lycoris {
 
@@ -28,14 +32,17 @@ const std::vector<Algorithm>& algorithms() {
 }
 
 const Algorithm& find_algorithm(const std::string& name) {
+  std::string key = name;  // names are case-insensitive: "LoKr" is "lokr"
+  std::transform(key.begin(), key.end(), key.begin(), [](unsigned char c) { return std::tolower(c); });
   std::string known;
   for (const auto& a : algorithms()) {
-    if (a.name == name) return a;
+    if (a.name == key) return a;
     for (const auto& alias : a.aliases)
-      if (alias == name) return a;
+      if (alias == key) return a;
     known += (known.empty() ? "" : ", ") + a.name;
+    if (!a.aliases.empty()) known += " (also " + join(a.aliases, ", ") + ")";
   }
-  throw OptionError("unknown algorithm '" + name + "' (known: " + known + ")");
+  throw OptionError("unknown algorithm '" + escape_control(name) + "' (known: " + known + ")");
 }
 
 const Algorithm* detect_algorithm(const TensorMap& module_tensors) {

@@ -67,6 +67,12 @@ std::string escape_control(std::string_view text) {
   return out;
 }
 
+std::string shape_text(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
 std::string join(const std::vector<std::string>& items, const std::string& sep, size_t max_items) {
   std::string out;
   for (size_t i = 0; i < items.size() && i < max_items; ++i) out += (i ? sep : "") + items[i];

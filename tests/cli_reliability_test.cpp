@@ -353,4 +353,19 @@ TEST(CliReliability, OutputThatIsADirectoryFailsBeforeTheWork) {
   }
 }
 
+// An adapter file without tensors (a network that adapted nothing, saved) is never taken silently.
+TEST(CliReliability, EmptyAdapterFileIsReported) {
+  Files f("empty-adapter");
+  const auto empty = write(f.dir, "empty.safetensors", {});
+  auto info = run_cli({"info", empty});
+  EXPECT_EQ(info.code, 0) << info.err;
+  EXPECT_TRUE(one_line_naming(info, {empty, "no tensors"}));
+  auto merge = run_cli({"merge", f.base, empty, "-o", f.out()});
+  EXPECT_NE(merge.code, 0);
+  EXPECT_TRUE(one_line_naming(merge, {empty}));
+  EXPECT_FALSE(fs::exists(f.out()));
+  auto check = run_cli({"check", empty, f.base});
+  EXPECT_NE(check.code, 0) << check.out;
+}
+
 }  // namespace cli_reliability_test

@@ -1,14 +1,15 @@
 // A LyCORIS network: the adapters created for one host model (docs/training.md), trained, saved, loaded,
 // applied and merged without modifying the model's code.
 //
-//   auto net = lycoris::create_lycoris(model, 1.0, 8, 4, lycoris::NetworkOptions()
-//                  .preset(lycoris::Preset::builtin("attn-mlp")).module(lycoris::LoKrOptions().algo("lokr")));
+//   auto net = lycoris::create_lycoris(model, lycoris::NetworkOptions().linear_dim(8).linear_alpha(4)
+//                  .module(lycoris::LoKrOptions().factor(8)));  // OptionError when nothing matches
+//   net->freeze_model();                               // the model's own parameters never train
 //   net->apply_to();                                   // binds W0 + m·ΔW into every adapted layer
+//   std::cout << net->summary().text();                // what trains
 //   torch::optim::AdamW opt(net->parameters(), 1e-3);  // adapter parameters only
 //   for (...) {
 //     auto loss = ...model->forward(x)...;  loss.backward();
-//     opt.step();  opt.zero_grad();
-//     net->on_step();                                  // ONCE PER STEP: per-step state + recompute weights
+//     net->step(opt);                                  // opt.step(), opt.zero_grad(), on_step()
 //   }
 //   net->save_weights("out.safetensors");              // reference format (docs/format.md)
 //   net->restore();                                    // the model is bit-identical to before apply_to
@@ -29,23 +30,25 @@
 // Forgetting it is loud: the bound weights carry a backward hook that throws lycoris::Error ("... call
 // on_step() or refresh() after optimizer.step() ...") when the adapter parameters changed since W' was
 // computed; a second backward through the same W' without refresh() fails in torch ("backward through
-// the graph a second time"). Forward passes without a backward (evaluation) read the weights as of the
-// last refresh(): call refresh() (or on_step()) after the last optimizer step. set_multiplier() and
-// apply_to() refresh by themselves. Dropouts (neuron/rank/module) follow the network's train()/eval()
-// mode and are drawn once per refresh(). Moving the model with ->to(device/dtype) while bound is not
-// supported: restore(), move, apply_to().
+// the graph a second time"). step(optimizer) does optimizer.step(), zero_grad() and on_step() together.
+// Forward passes without a backward (evaluation) read the weights as of the last refresh(); train()/eval(),
+// save_weights, merge_to and summary() refresh stale ones. set_multiplier() and apply_to() refresh by
+// themselves. Dropouts (neuron/rank/module) follow the network's train()/eval() mode and are drawn once
+// per refresh(). After model->to(device/dtype) while bound, call net->to(<the same>): it moves the adapters
+// and recomputes W' (refresh() detects a moved model and says so).
 //
 // BYPASS MODE (module option bypass_mode): y = W0·x + ΔW·x without materialising ΔW (AdapterImpl::
 // bypass_forward). It needs a forward that asks the adapters: the drop-in layers lycoris::nn::Linear /
 // Conv1d / Conv2d / Conv3d (lycoris/nn/layers.hpp, same constructors as torch::nn's). On any other layer
 // (plain torch::nn layers, norms) a bypass-mode module falls back to rebuild mode and the network records a
-// warning (warnings()). Drop-in layers also work in rebuild mode.
+// warning (warnings(), and logged once at creation). Drop-in layers also work in rebuild mode.
 //
 // STACKING: several networks can be applied to one model (same layers or not) and restored in any order;
 // each layer keeps its own list of attached adapters, shared by all networks.
 #pragma once
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
+#include <torch/optim/optimizer.h>
 
 #include <map>
 #include <memory>
@@ -61,6 +64,8 @@
 
 namespace lycoris {
 
+// Rank has one name per level: a network's linear_dim / conv_dim (here), a single adapter's rank
+// (AdapterOptions), and a preset override's dim (the reference's spelling; rank is accepted there too).
 struct NetworkOptions {
   TORCH_ARG(double, multiplier) = 1.0;
   TORCH_ARG(int64_t, linear_dim) = 4;   // rank of Linear layers and 1×1 convs; 0 = none on them
@@ -69,8 +74,27 @@ struct NetworkOptions {
   TORCH_ARG(double, conv_alpha) = 0.0;  // 0 = linear_alpha
   TORCH_ARG(bool, train_norm) = false;  // Norm adapters on LayerNorm / GroupNorm
   TORCH_ARG(Preset, preset) = Preset();  // the built-in "full"
-  // Algorithm (module.algo()) and every module option; rank/alpha are taken from the dims above.
+  // Algorithm (module.algo()) and every module option. Its rank and alpha are not used (the dims above
+  // are): setting them is an OptionError that names the field to set instead.
   TORCH_ARG(AdapterOptions, module) = AdapterOptions();
+  // A network that adapts no layer is an OptionError (the preset or targets match nothing), unless allowed.
+  TORCH_ARG(bool, allow_empty) = false;
+};
+
+// What a network trains, for printing (PEFT's print_trainable_parameters): LycorisNetworkImpl::summary().
+struct NetworkSummary {
+  struct Group {
+    std::string algo;
+    int64_t modules = 0;
+    int64_t min_rank = 0, max_rank = 0;  // 0 for algorithms without a rank
+    int64_t parameters = 0;
+  };
+  std::vector<Group> groups;      // per algorithm, in discovery order of first use
+  int64_t modules = 0;
+  int64_t trainable = 0;          // adapter parameters that require grad
+  int64_t model_parameters = 0;   // the model's own (base) parameters
+  int64_t model_trainable = 0;    // of those, how many still require grad (freeze_model() makes it 0)
+  std::string text() const;       // "trainable params: 1,234 || all params: … || trainable%: 0.1234" + a line per group
 };
 
 // One adapter of a network and the layer it wraps.
@@ -95,13 +119,14 @@ class LycorisNetworkImpl : public torch::nn::Module {
   ~LycorisNetworkImpl() override;  // restores the model if still applied
 
   // Hook every adapter into its layer (rebuild: bind W'; bypass: attach to drop-in layers). Idempotent.
+  // Error after merge_to (the model already holds ΔW).
   void apply_to();
   // Unhook every adapter; the model is bit-identical to before apply_to().
   void restore();
   // Fold ΔW at multiplier m into the base weights (and biases, for Full/Norm) permanently, in place (no
   // grad, dropouts off); the network is unhooked from those layers afterwards (other networks stacked on
   // them are recomputed against the merged weight). A layer without bias gets one when the adapter
-  // produces a bias change.
+  // produces a bias change. Once merged, merge_to and apply_to are errors (they would add ΔW again).
   void merge_to(double m = 1.0);
   // New multiplier for every adapter (rebound at once when applied).
   void set_multiplier(double m);
@@ -110,10 +135,29 @@ class LycorisNetworkImpl : public torch::nn::Module {
   void refresh();
   // Once per optimizer step: every adapter's on_step() (DyLoRA), then refresh() when applied.
   void on_step();
+  // optimizer.step(), optimizer.zero_grad() and on_step(): the training step that cannot forget the refresh.
+  void step(torch::optim::Optimizer& optimizer);
   bool applied() const { return applied_; }
+  bool merged() const { return merged_; }
+  // True when an adapter parameter changed (optimizer step) since the bound weights were computed: the
+  // model's forward would read old weights. eval()/train(), save_weights, merge_to and summary refresh them.
+  bool stale() const;
+  // Sets requires_grad false on every parameter of the model (the adapters live in this network), so that
+  // an optimizer over model->parameters() trains nothing; restore() keeps them frozen.
+  void freeze_model();
+  NetworkSummary summary() const;
+  // train()/eval() also refresh the bound weights (dropouts follow the mode; evaluation never reads
+  // weights older than the last optimizer step).
+  void train(bool on = true) override;
+  // Moves the adapters; when applied, the bound weights are recomputed against the model's current
+  // weights (move the model first: model->to(x); net->to(x)).
+  void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
+  void to(torch::Dtype dtype, bool non_blocking = false) override;
+  void to(torch::Device device, bool non_blocking = false) override;
 
   // Writes every adapter's tensors as "<name>.<suffix>" in discovery order and the reference's key order
-  // (docs/format.md#key-order). Floating tensors are cast to `dtype` (integer flags such as on_input keep theirs).
+  // (docs/format.md#key-order). Floating tensors are cast to `dtype` (integer flags such as on_input keep theirs;
+  // a scalar such as alpha that `dtype` cannot hold stays F32).
   // Metadata: the given entries plus lycoris_version, lycoris_reference_version, lycoris_algo,
   // lycoris_preset and lycoris_options (JSON of the network options); given entries win.
   void save_weights(const std::string& path, torch::Dtype dtype = torch::kFloat,
@@ -136,18 +180,29 @@ class LycorisNetworkImpl : public torch::nn::Module {
   void add_module_(NetworkModule m);
   void bind_(const NetworkModule& m, bool bypass);
 
+  void refresh_if_stale_() const;
+  void check_placement_() const;
+
   HostModulePtr model_;
   NetworkOptions options_;
   std::vector<NetworkModule> modules_;
   std::vector<std::string> warnings_;
   std::shared_ptr<State> state_;
   bool applied_ = false;
+  bool merged_ = false;
 };
 TORCH_MODULE(LycorisNetwork);
 
-// docs/training.md#create-lycoris with C++ values: the positional arguments override the same fields of `opts`.
+// docs/training.md#create-lycoris: every value from `opts`.
+LycorisNetwork create_lycoris(std::shared_ptr<torch::nn::Module> model, NetworkOptions opts);
+// The reference's signature: multiplier, linear_dim and linear_alpha given here. Setting one of them in
+// `opts` too, to a different value, is an OptionError (one place per value).
 LycorisNetwork create_lycoris(std::shared_ptr<torch::nn::Module> model, double multiplier = 1.0,
                               int64_t linear_dim = 4, double linear_alpha = 1.0, NetworkOptions opts = {});
+template <typename ModuleType>
+LycorisNetwork create_lycoris(const torch::nn::ModuleHolder<ModuleType>& model, NetworkOptions opts) {
+  return create_lycoris(model.ptr(), std::move(opts));
+}
 template <typename ModuleType>
 LycorisNetwork create_lycoris(const torch::nn::ModuleHolder<ModuleType>& model, double multiplier = 1.0,
                               int64_t linear_dim = 4, double linear_alpha = 1.0, NetworkOptions opts = {}) {
@@ -157,7 +212,7 @@ LycorisNetwork create_lycoris(const torch::nn::ModuleHolder<ModuleType>& model, 
 // docs/training.md#loading: binds every module of `file` to the layer named "<prefix>_<path>" (prefix = the preset's
 // lora_prefix, then the other known prefixes), detects its algorithm and loads it with the real LayerSpec of
 // the torch layer (stride/padding/dilation/groups/eps/bias). File modules matching no layer are listed in
-// warnings(); a module whose shapes do not fit its layer is a ShapeError naming the module and the layer;
+// warnings() (KeyError when none matches); a module whose shapes do not fit its layer is a ShapeError naming the module and the layer;
 // a name denoting several layers that it all fits is a KeyError. Not applied yet.
 LycorisNetwork create_lycoris_from_weights(std::shared_ptr<torch::nn::Module> model, const std::string& file,
                                            double multiplier = 1.0, const Preset& preset = Preset());

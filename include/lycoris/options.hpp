@@ -1,7 +1,7 @@
 // Options of every adapter algorithm, with chained setters in the libtorch style:
 //   lycoris::LoKrOptions().rank(8).factor(-1).tucker(true)
 // One struct for all algorithms (each reads the fields it knows), so presets and per-module
-// overrides can be applied uniformly; the per-algorithm names are aliases.
+// overrides can be applied uniformly; the per-algorithm builders below only select the algorithm.
 #pragma once
 #include <torch/arg.h>
 
@@ -41,24 +41,31 @@ enum class OptionScope { Every, Some };
 
 struct AdapterOptions {
   TORCH_ARG(std::string, algo) = "lora";  // registry name: lora, loha, lokr, full, ia3, dylora, glora, diag-oft, boft, norm, glokr
-  TORCH_ARG(int64_t, rank) = 4;           // lora_dim
+  TORCH_ARG(int64_t, rank) = 4;           // of a single adapter; a network's ranks are its linear_dim / conv_dim
   TORCH_ARG(double, alpha) = 1.0;         // 0 → alpha = rank (scale 1)
 #define LYCORIS_OPTION_FIELD(type, field, init, key, aliases, scope) TORCH_ARG(type, field) = init;
   LYCORIS_MODULE_OPTIONS(LYCORIS_OPTION_FIELD)
 #undef LYCORIS_OPTION_FIELD
 };
 
-using LoRAOptions = AdapterOptions;
-using LoConOptions = AdapterOptions;
-using LoHaOptions = AdapterOptions;
-using LoKrOptions = AdapterOptions;
-using FullOptions = AdapterOptions;
-using IA3Options = AdapterOptions;
-using DyLoRAOptions = AdapterOptions;
-using GLoRAOptions = AdapterOptions;
-using GLoKrOptions = AdapterOptions;
-using DiagOFTOptions = AdapterOptions;
-using BOFTOptions = AdapterOptions;
-using NormOptions = AdapterOptions;
+// Typed builders: each selects its algorithm, e.g. LoKrOptions().factor(4) is a LoKr (the setters return
+// AdapterOptions&, so chains mix freely: LoKrOptions().rank(8).tucker(true)).
+#define LYCORIS_TYPED_OPTIONS(Type, name) \
+  struct Type : AdapterOptions {          \
+    Type() { algo(name); }                \
+  };
+LYCORIS_TYPED_OPTIONS(LoRAOptions, "lora")
+LYCORIS_TYPED_OPTIONS(LoConOptions, "lora")
+LYCORIS_TYPED_OPTIONS(LoHaOptions, "loha")
+LYCORIS_TYPED_OPTIONS(LoKrOptions, "lokr")
+LYCORIS_TYPED_OPTIONS(FullOptions, "full")
+LYCORIS_TYPED_OPTIONS(IA3Options, "ia3")
+LYCORIS_TYPED_OPTIONS(DyLoRAOptions, "dylora")
+LYCORIS_TYPED_OPTIONS(GLoRAOptions, "glora")
+LYCORIS_TYPED_OPTIONS(GLoKrOptions, "glokr")
+LYCORIS_TYPED_OPTIONS(DiagOFTOptions, "diag-oft")
+LYCORIS_TYPED_OPTIONS(BOFTOptions, "boft")
+LYCORIS_TYPED_OPTIONS(NormOptions, "norm")
+#undef LYCORIS_TYPED_OPTIONS
 
 }  // namespace lycoris

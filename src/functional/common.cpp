@@ -14,6 +14,7 @@
 
 #include "exec/arena.hpp"
 #include "lycoris/error.hpp"
+#include "lycoris/text.hpp"
 
 namespace lycoris::functional {
 
@@ -58,13 +59,7 @@ torch::Tensor to_compute(const torch::Tensor& t, const torch::Tensor& like) {
   return t.to(compute_dtype(like));
 }
 
-std::string shape_str(torch::IntArrayRef shape) {
-  std::ostringstream os;
-  os << '[';
-  for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
-  os << ']';
-  return os.str();
-}
+std::string shape_str(torch::IntArrayRef shape) { return shape_text(shape.vec()); }
 
 }  // namespace lycoris::functional
 

@@ -7,6 +7,7 @@
 
 #include "lycoris/error.hpp"
 #include "lycoris/functional/common.hpp"
+#include "lycoris/text.hpp"
 
 namespace lycoris::functional {
 
@@ -32,21 +33,20 @@ torch::Tensor orthonormal_basis(const torch::Tensor& Y) { return std::get<0>(tor
 
 torch::Tensor SVD::reconstruct() const { return (U * S.unsqueeze(0)).matmul(Vh); }
 
+namespace {
+constexpr EnumName<SVDMethod> kSVDMethods[] = {
+    {SVDMethod::Auto, "auto"}, {SVDMethod::Full, "full"}, {SVDMethod::Randomized, "randomized"}};
+}  // namespace
+
 SVDMethod parse_svd_method(const std::string& name) {
-  if (name == "auto") return SVDMethod::Auto;
-  if (name == "full") return SVDMethod::Full;
-  if (name == "randomized") return SVDMethod::Randomized;
-  throw OptionError("svd method '" + name + "' is not one of auto, full, randomized");
+  SVDMethod m;
+  std::string known;
+  if (!parse_enum(kSVDMethods, name, m, &known))
+    throw OptionError("svd method '" + escape_control(name) + "' is not one of " + known);
+  return m;
 }
 
-const char* to_string(SVDMethod method) {
-  switch (method) {
-    case SVDMethod::Auto: return "auto";
-    case SVDMethod::Full: return "full";
-    case SVDMethod::Randomized: return "randomized";
-  }
-  return "?";
-}
+const char* to_string(SVDMethod method) { return enum_name(kSVDMethods, method); }
 
 SVD svd_full(const torch::Tensor& M) {
   auto m = as_compute(M, "svd_full");

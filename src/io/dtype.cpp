@@ -8,7 +8,7 @@
 namespace lycoris::io {
 namespace {
 
-struct Entry {
+struct DTypeEntry {
   DType dtype;
   const char* name;
   size_t size;
@@ -17,7 +17,7 @@ struct Entry {
   const char* spellings;  // what users may type for it (--dtype), space-separated
 };
 // The one table: every other mapping (torch types, names, sizes) derives from it.
-constexpr Entry kTable[] = {
+constexpr DTypeEntry kTable[] = {
     {DType::F64, "F64", 8, true, true, "fp64 float64 double"},
     {DType::F32, "F32", 4, true, true, "fp32 float32 float"},
     {DType::F16, "F16", 2, true, true, "fp16 float16 half"},
@@ -32,7 +32,7 @@ constexpr Entry kTable[] = {
     {DType::F8_E5M2, "F8_E5M2", 1, true, false, "f8_e5m2"},
 };
 
-const Entry& entry(DType d) {
+const DTypeEntry& entry(DType d) {
   for (const auto& e : kTable)
     if (e.dtype == d) return e;
   return kTable[0];  // unreachable: every enumerator is in the table

@@ -11,6 +11,7 @@
 #include <unordered_set>
 
 #include "lycoris/error.hpp"
+#include "lycoris/text.hpp"
 
 namespace lycoris::io {
 
@@ -55,7 +56,7 @@ struct Ctx {
   }
 };
 
-std::string number_text(const json& v) { return printable(v.dump(), 40); }
+std::string json_number_text(const json& v) { return printable(v.dump(), 40); }
 
 // A JSON value that must be a non-negative integer ≤ limit; `what` names it in the message.
 uint64_t non_negative(const Ctx& ctx, const std::string& name, const json& v, const std::string& what,
@@ -65,17 +66,12 @@ uint64_t non_negative(const Ctx& ctx, const std::string& name, const json& v, co
     if (x > limit) ctx.tensor(name, what + " " + std::to_string(x) + " is too large");
     return x;
   }
-  if (v.is_number_integer()) ctx.tensor(name, "negative " + what + " " + number_text(v));
+  if (v.is_number_integer()) ctx.tensor(name, "negative " + what + " " + json_number_text(v));
   if (v.is_number_float())
-    ctx.tensor(name, what + " " + number_text(v) + " is not an integer in the 64-bit range");
+    ctx.tensor(name, what + " " + json_number_text(v) + " is not an integer in the 64-bit range");
   ctx.tensor(name, what + " is not an integer (got " + std::string(v.type_name()) + ")");
 }
 
-std::string shape_text(const std::vector<int64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
 
 TensorInfo parse_entry(const Ctx& ctx, const std::string& name, const json& e, uint64_t data_size) {
   if (!e.is_object()) ctx.tensor(name, "entry is not a JSON object (got " + std::string(e.type_name()) + ")");

@@ -8,21 +8,22 @@
 
 namespace lycoris::naming {
 
+namespace {
+constexpr EnumName<AdapterFormat> kAdapterFormats[] = {{AdapterFormat::Lycoris, "lycoris"},
+                                                       {AdapterFormat::Kohya, "kohya"},
+                                                       {AdapterFormat::Peft, "peft"},
+                                                       {AdapterFormat::Peft, "diffusers"}};
+}  // namespace
+
 AdapterFormat parse_adapter_format(const std::string& s) {
-  if (s == "lycoris") return AdapterFormat::Lycoris;
-  if (s == "kohya") return AdapterFormat::Kohya;
-  if (s == "peft" || s == "diffusers") return AdapterFormat::Peft;
-  throw OptionError("unknown adapter format '" + s + "' (lycoris, kohya, peft)");
+  AdapterFormat f;
+  std::string known;
+  if (!parse_enum(kAdapterFormats, s, f, &known))
+    throw OptionError("unknown adapter format '" + escape_control(s) + "' (" + known + ")");
+  return f;
 }
 
-const char* to_string(AdapterFormat f) {
-  switch (f) {
-    case AdapterFormat::Lycoris: return "lycoris";
-    case AdapterFormat::Kohya: return "kohya";
-    case AdapterFormat::Peft: return "peft";
-  }
-  return "?";
-}
+const char* to_string(AdapterFormat f) { return enum_name(kAdapterFormats, f); }
 
 const std::vector<std::pair<std::string, std::string>>& module_prefixes() {
   static const std::vector<std::pair<std::string, std::string>> p = {

@@ -64,21 +64,20 @@ std::vector<int64_t> layer_shape(const BaseLayer& layer, std::vector<int64_t> sh
   return shape;
 }
 
+namespace {
+constexpr EnumName<BaseFormat> kBaseFormats[] = {
+    {BaseFormat::Auto, "auto"}, {BaseFormat::Diffusers, "diffusers"}, {BaseFormat::Ldm, "ldm"}};
+}  // namespace
+
 BaseFormat parse_base_format(const std::string& s) {
-  if (s == "auto") return BaseFormat::Auto;
-  if (s == "diffusers") return BaseFormat::Diffusers;
-  if (s == "ldm") return BaseFormat::Ldm;
-  throw OptionError("unknown base layout '" + s + "' (auto, diffusers, ldm)");
+  BaseFormat f;
+  std::string known;
+  if (!parse_enum(kBaseFormats, s, f, &known))
+    throw OptionError("unknown base layout '" + escape_control(s) + "' (" + known + ")");
+  return f;
 }
 
-const char* to_string(BaseFormat f) {
-  switch (f) {
-    case BaseFormat::Auto: return "auto";
-    case BaseFormat::Diffusers: return "diffusers";
-    case BaseFormat::Ldm: return "ldm";
-  }
-  return "?";
-}
+const char* to_string(BaseFormat f) { return enum_name(kBaseFormats, f); }
 
 BaseFormat detect_base_format(const std::vector<std::string>& keys) {
   for (const auto& k : keys)

@@ -20,7 +20,7 @@ const UNetConfig& sdxl_unet_config() {
 
 namespace {
 
-std::string cat(const std::string& a, int i) { return a + "." + std::to_string(i); }
+std::string indexed(const std::string& a, int i) { return a + "." + std::to_string(i); }
 
 // Resnet sub-layers: diffusers name → ldm name (ResBlock: in_layers = [norm, SiLU, conv], emb_layers =
 // [SiLU, linear], out_layers = [norm, SiLU, dropout, conv]).
@@ -62,11 +62,11 @@ UNetTable::UNetTable(const UNetConfig& c) : config_(c) {
   for (int i = 0; i < L; ++i) {
     for (int j = 0; j < n; ++j) {
       const int k = (n + 1) * i + j + 1;
-      resnet(cat(cat("down_blocks", i) + ".resnets", j), cat(cat("input_blocks", k), 0));
+      resnet(indexed(indexed("down_blocks", i) + ".resnets", j), indexed(indexed("input_blocks", k), 0));
       if (c.attention[static_cast<size_t>(i)])
-        add(cat(cat("down_blocks", i) + ".attentions", j), cat(cat("input_blocks", k), 1));
+        add(indexed(indexed("down_blocks", i) + ".attentions", j), indexed(indexed("input_blocks", k), 1));
     }
-    if (i < L - 1) add(cat("down_blocks", i) + ".downsamplers.0.conv", cat("input_blocks", (n + 1) * (i + 1)) + ".0.op");
+    if (i < L - 1) add(indexed("down_blocks", i) + ".downsamplers.0.conv", indexed("input_blocks", (n + 1) * (i + 1)) + ".0.op");
   }
   resnet("mid_block.resnets.0", "middle_block.0");
   add("mid_block.attentions.0", "middle_block.1");
@@ -75,11 +75,11 @@ UNetTable::UNetTable(const UNetConfig& c) : config_(c) {
     const bool attn = c.attention[static_cast<size_t>(L - 1 - i)];  // up block i mirrors down level L-1-i
     for (int j = 0; j <= n; ++j) {
       const int k = (n + 1) * i + j;
-      resnet(cat(cat("up_blocks", i) + ".resnets", j), cat(cat("output_blocks", k), 0));
-      if (attn) add(cat(cat("up_blocks", i) + ".attentions", j), cat(cat("output_blocks", k), 1));
+      resnet(indexed(indexed("up_blocks", i) + ".resnets", j), indexed(indexed("output_blocks", k), 0));
+      if (attn) add(indexed(indexed("up_blocks", i) + ".attentions", j), indexed(indexed("output_blocks", k), 1));
     }
     // the upsampler follows the last resnet (and its attention) of the level
-    if (i < L - 1) add(cat("up_blocks", i) + ".upsamplers.0.conv", cat(cat("output_blocks", (n + 1) * i + n), attn ? 2 : 1) + ".conv");
+    if (i < L - 1) add(indexed("up_blocks", i) + ".upsamplers.0.conv", indexed(indexed("output_blocks", (n + 1) * i + n), attn ? 2 : 1) + ".conv");
   }
   add("conv_norm_out", "out.0");
   add("conv_out", "out.2");

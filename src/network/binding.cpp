@@ -25,7 +25,7 @@ struct Snapshot {
   std::vector<uint32_t> versions;
 };
 
-struct Entry {
+struct Attachment {
   const void* owner;
   std::string name, path;
   AdapterPtr adapter;
@@ -38,7 +38,7 @@ struct Binding {
   HostLayerPtr layer;  // the view of the first network bound here
   torch::Tensor W0, b0;
   bool w_rg = false, b_rg = false;  // requires_grad of W0/b0 before binding
-  std::vector<Entry> entries;
+  std::vector<Attachment> entries;
 };
 
 std::mutex& registry_mutex() {
@@ -52,7 +52,7 @@ std::unordered_map<const void*, std::shared_ptr<Binding>>& registry() {
   return r;
 }
 
-void compute(Binding& b, Entry& e) {
+void compute(Binding& b, Attachment& e) {
   e.W = e.adapter->apply_weight(b.W0, *e.multiplier);
   e.b = e.adapter->apply_bias(b.b0, *e.multiplier);
   auto snap = std::make_shared<Snapshot>();
@@ -137,7 +137,7 @@ void bind(const NetworkModule& m, const void* owner, std::shared_ptr<const doubl
     slot = b;
   }
   auto& b = *slot;
-  Entry e{owner, m.name, m.path, m.adapter, std::move(multiplier), {}, {}, nullptr};
+  Attachment e{owner, m.name, m.path, m.adapter, std::move(multiplier), {}, {}, nullptr};
   try {
     // frozen while bound: gradients reach only the adapters
     b.W0.requires_grad_(false);
@@ -152,7 +152,7 @@ void bind(const NetworkModule& m, const void* owner, std::shared_ptr<const doubl
     throw;
   }
   auto& list = b.entries;
-  list.erase(std::remove_if(list.begin(), list.end(), [&](const Entry& x) { return x.owner == owner; }), list.end());
+  list.erase(std::remove_if(list.begin(), list.end(), [&](const Attachment& x) { return x.owner == owner; }), list.end());
   list.push_back(std::move(e));
   rebind(b);
 }
@@ -163,7 +163,7 @@ void unbind(const HostLayer& layer, const void* owner) {
   if (!b) return;
   auto& list = b->entries;
   const auto before = list.size();
-  list.erase(std::remove_if(list.begin(), list.end(), [&](const Entry& x) { return x.owner == owner; }), list.end());
+  list.erase(std::remove_if(list.begin(), list.end(), [&](const Attachment& x) { return x.owner == owner; }), list.end());
   if (list.size() == before) return;
   if (!list.empty()) {
     rebind(*b);
@@ -202,6 +202,22 @@ std::pair<torch::Tensor, torch::Tensor> base_weights(const HostLayer& layer) {
     if (auto b = find_binding(layer)) return {b->W0, b->b0};
   }
   return {layer.weight(), layer.bias()};
+}
+
+bool stale(const HostLayer& layer, const void* owner) {
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  auto b = find_binding(layer);
+  if (!b) return false;
+  for (const auto& e : b->entries)
+    if (e.owner == owner && e.snapshot)
+      for (size_t i = 0; i < e.snapshot->params.size(); ++i)
+        if (e.snapshot->params[i]._version() != e.snapshot->versions[i]) return true;
+  return false;
+}
+
+void freeze_base(const HostLayer& layer) {
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  if (auto b = find_binding(layer)) b->w_rg = b->b_rg = false;
 }
 
 void set_base_bias(const HostLayer& layer, const torch::Tensor& bias) {

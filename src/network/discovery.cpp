@@ -100,7 +100,7 @@ class Discovery {
     const bool supported = view != nullptr;
     const LayerSpec spec = supported ? view->spec() : LayerSpec();
     AdapterOptions opts = o_.module();
-    opts.algo(algo);
+    opts.algo(find_algorithm(algo).name);
     int64_t rank = 0;
     double alpha = 0;
     if (o_.train_norm() && cls.find("Norm") != std::string::npos) {

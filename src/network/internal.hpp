@@ -29,6 +29,10 @@ void recompute(const HostLayer& layer, const void* owner);
 void recompute_all(const HostLayer& layer);
 // The original parameters of a layer: the binding's W0/b0 when bound, else what its forward reads.
 std::pair<torch::Tensor, torch::Tensor> base_weights(const HostLayer& layer);
+// Whether owner's entry on the layer was computed before its adapter's parameters last changed.
+bool stale(const HostLayer& layer, const void* owner);
+// A bound layer's W0/b0 stay frozen when the last network unbinds (freeze_model); no-op when not bound.
+void freeze_base(const HostLayer& layer);
 // The layer's original bias changed (merge_to gave a layer without bias one, HostLayer::add_bias).
 void set_base_bias(const HostLayer& layer, const torch::Tensor& bias);
 

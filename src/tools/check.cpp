@@ -100,8 +100,11 @@ CheckReport check(const std::string& adapter_path, const std::string& base_path,
     const std::string lookup = adapter.format == AdapterFormat::Peft
                                    ? naming::module_name(component_prefix(m.component, AdapterFormat::Kohya), m.path)
                                    : m.name;
+    const Algorithm* detected = detect_algorithm(m.tensors);
     for (const auto& [suffix, t] : m.tensors)
-      if (t.is_floating_point()) {
+      // an alpha no loader reads (no low-rank factor: LoKr with both factors full, scale 1) may be Inf, as
+      // an fp16 save of a full-dimension LoKr's alpha = rank once made it
+      if (t.is_floating_point() && !(suffix == "alpha" && detected && detected->rank && detected->rank(m.tensors) == 0)) {
         const auto bad = (~torch::isfinite(t)).sum().item<int64_t>();
         if (bad > 0) c.problems.push_back("nonfinite: " + suffix + " has " + std::to_string(bad) + " NaN/Inf value(s)");
       }

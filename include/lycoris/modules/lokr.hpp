@@ -3,6 +3,7 @@
 #include <torch/nn/pimpl.h>
 
 #include "lycoris/algorithms.hpp"
+#include "lycoris/error.hpp"
 #include "lycoris/functional/lokr.hpp"
 #include "lycoris/modules/low_rank.hpp"
 
@@ -23,10 +24,16 @@ class KronAdapter : public LowRankAdapter {
   virtual bool all_full() const = 0;
   // Fresh adapters: validates the options (OptionError), then calls
   // choose(layer, rank, factor, decompose_both, full_matrix, unbalanced_factorization, tucker).
+  // factor: −1 = automatic (the most square split), or ≥ 1: a factor that divides the dimension is taken as
+  // it is, otherwise the closest split whose smaller side stays ≤ factor (docs/training.md#factorization);
+  // 0 and values below −1 are OptionErrors.
   template <class Choose>
   auto fresh_layout(Choose choose) {
     check_low_rank_options(layer_, options_, algo_);
     const auto& o = options_;
+    if (o.factor() == 0 || o.factor() < -1)
+      throw OptionError(algo_ + " on " + layer_.describe() + ": factor must be -1 (automatic) or >= 1, got " +
+                        std::to_string(o.factor()));
     return choose(layer_, o.rank(), o.factor(), o.decompose_both(), o.full_matrix(), o.unbalanced_factorization(),
                   o.tucker());
   }
