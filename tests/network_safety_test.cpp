@@ -168,7 +168,8 @@ TEST(NetworkSafety, StepHelperAndEvalNeverLeaveStaleWeights) {
   auto net = create_lycoris(model, NetworkOptions());
   perturb(net);
   net->apply_to();
-  torch::optim::SGD opt(net->parameters(), 0.1);
+  // (AdamW updates the parameters in place, which their version counters record)
+  torch::optim::AdamW opt(net->parameters(), torch::optim::AdamWOptions(1e-2));
   auto train_step = [&] {
     auto loss = model->forward(input()).square().mean();
     loss.backward();

@@ -22,7 +22,7 @@ std::vector<AlgoSpec> algo_specs() {
     s.alpha = alpha;
     s.lr = lr;
     s.settings = std::move(settings);
-    s.module = module.algo(s.algo).rank(dim).alpha(alpha);
+    s.module = module.algo(s.algo);  // rank and alpha: the network's dims (spec.dim, spec.alpha)
     s.train_norm = train_norm;
     specs.push_back(std::move(s));
   };

@@ -280,8 +280,26 @@ void LycorisNetworkImpl::to(torch::Device device, bool non_blocking) {
       if (m.view) detail::recompute_all(*m.view);
 }
 
+namespace {
+
+// The model's own parameters: a torch::nn model's, else every layer's registered weight and bias (also
+// while bound, when its forward reads W' instead).
+std::vector<torch::Tensor> host_parameters(const HostModulePtr& model) {
+  if (auto m = model->torch_module()) return m->parameters();
+  std::vector<torch::Tensor> out;
+  for (const auto& [path, node] : preorder(model))
+    if (auto view = node->layer()) {
+      auto [W0, b0] = detail::base_weights(*view);
+      if (W0.defined()) out.push_back(W0);
+      if (b0.defined()) out.push_back(b0);
+    }
+  return out;
+}
+
+}  // namespace
+
 void LycorisNetworkImpl::freeze_model() {
-  for (auto& p : model_->parameters()) p.requires_grad_(false);
+  for (auto& p : host_parameters(model_)) p.requires_grad_(false);
   for (const auto& m : modules_)
     if (m.view) detail::freeze_base(*m.view);  // bound layers: restore() keeps them frozen
 }
@@ -304,7 +322,7 @@ NetworkSummary LycorisNetworkImpl::summary() const {
   }
   s.modules = static_cast<int64_t>(modules_.size());
   std::set<const void*> seen;  // shared parameters once
-  for (const auto& p : model_->parameters()) {
+  for (const auto& p : host_parameters(model_)) {
     if (!seen.insert(p.unsafeGetTensorImpl()).second) continue;
     s.model_parameters += p.numel();
     if (p.requires_grad()) s.model_trainable += p.numel();
