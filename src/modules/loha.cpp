@@ -67,17 +67,16 @@ std::unique_ptr<RowKernel> LoHaImpl::delta_kernel(double m, const torch::TensorO
 }
 
 NamedTensors LoHaImpl::file_tensors() const {
+  return loha_file_tensors(weights(), torch::scalar_tensor(alpha_, torch::kFloat32), dora_scale);
+}
+
+NamedTensors loha_file_tensors(const F::loha::Weights& w, const torch::Tensor& alpha, const torch::Tensor& dora_scale) {
   NamedTensors out;
-  out.emplace_back("alpha", torch::scalar_tensor(alpha_, torch::kFloat32));
+  out.emplace_back("alpha", alpha.detach());
   if (dora_scale.defined()) out.emplace_back("dora_scale", dora_scale.detach());
-  out.emplace_back("hada_w1_a", (hada_w1_a * scalar).detach());
-  out.emplace_back("hada_w1_b", hada_w1_b.detach());
-  out.emplace_back("hada_w2_a", hada_w2_a.detach());
-  out.emplace_back("hada_w2_b", hada_w2_b.detach());
-  if (hada_t1.defined()) {
-    out.emplace_back("hada_t1", hada_t1.detach());
-    out.emplace_back("hada_t2", hada_t2.detach());
-  }
+  for (auto [key, t] : {std::pair<const char*, torch::Tensor>{"hada_w1_a", w.w1a}, {"hada_w1_b", w.w1b},
+                        {"hada_w2_a", w.w2a}, {"hada_w2_b", w.w2b}, {"hada_t1", w.t1}, {"hada_t2", w.t2}})
+    if (t.defined()) out.emplace_back(key, t.detach());
   return out;
 }
 

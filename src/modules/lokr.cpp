@@ -79,10 +79,13 @@ std::unique_ptr<RowKernel> LoKrImpl::delta_kernel(double m, const torch::TensorO
 }
 
 NamedTensors LoKrImpl::file_tensors() const {
+  return lokr_file_tensors(weights(), torch::scalar_tensor(alpha_, torch::kFloat32), dora_scale);
+}
+
+NamedTensors lokr_file_tensors(const F::lokr::Weights& w, const torch::Tensor& alpha, const torch::Tensor& dora_scale) {
   NamedTensors out;
-  out.emplace_back("alpha", torch::scalar_tensor(alpha_, torch::kFloat32));
+  out.emplace_back("alpha", alpha.detach());
   if (dora_scale.defined()) out.emplace_back("dora_scale", dora_scale.detach());
-  auto w = weights();
   for (auto [key, t] : {std::pair<const char*, torch::Tensor>{"lokr_w1", w.w1}, {"lokr_w1_a", w.w1a},
                         {"lokr_w1_b", w.w1b}, {"lokr_w2", w.w2}, {"lokr_w2_a", w.w2a}, {"lokr_w2_b", w.w2b},
                         {"lokr_t2", w.t2}})

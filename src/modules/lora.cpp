@@ -80,6 +80,18 @@ LoRAFile read_lora_file(const std::string& module, const TensorMap& t, const Lay
   return f;
 }
 
+// ---------------------------------------------------------------- file writing
+
+NamedTensors lora_file_tensors(const F::lora::Weights& w, const torch::Tensor& alpha, const torch::Tensor& dora_scale) {
+  NamedTensors out;
+  if (dora_scale.defined()) out.emplace_back("dora_scale", dora_scale.detach());
+  out.emplace_back("alpha", alpha.detach());
+  out.emplace_back("lora_up.weight", w.up.detach());
+  out.emplace_back("lora_down.weight", w.down.detach());
+  if (w.mid.defined()) out.emplace_back("lora_mid.weight", w.mid.detach());
+  return out;
+}
+
 // ---------------------------------------------------------------- LoRA
 
 LoRAImpl::LoRAImpl(LayerSpec layer, AdapterOptions options) : LowRankAdapter("lora", std::move(layer), std::move(options)) {
@@ -141,12 +153,7 @@ std::unique_ptr<RowKernel> LoRAImpl::delta_kernel(double m, const torch::TensorO
 }
 
 NamedTensors LoRAImpl::file_tensors() const {
-  NamedTensors out;
-  if (dora_scale.defined()) out.emplace_back("dora_scale", dora_scale.detach());
-  out.emplace_back("alpha", torch::scalar_tensor(alpha_, torch::kFloat32));
-  out.emplace_back("lora_up.weight", (lora_up * scalar).detach());
-  out.emplace_back("lora_down.weight", lora_down.detach());
-  if (lora_mid.defined()) out.emplace_back("lora_mid.weight", lora_mid.detach());
+  auto out = lora_file_tensors(weights(), torch::scalar_tensor(alpha_, torch::kFloat32), dora_scale);
   for (const auto& kv : sparse_keys_) out.push_back(kv);
   return out;
 }

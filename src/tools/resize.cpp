@@ -13,6 +13,7 @@
 #include "lycoris/functional/svd.hpp"
 #include "lycoris/io/output_path.hpp"
 #include "lycoris/io/safetensors.hpp"
+#include "lycoris/modules/lora.hpp"
 #include "tool_checks.hpp"
 
 namespace lycoris::tools {
@@ -55,17 +56,22 @@ void require_finite_module(const std::string& module, const TensorMap& t) {
   for (const auto& [suffix, tensor] : t) require_finite(tensor, module, module + "." + suffix);
 }
 
-}  // namespace
-
-NamedTensors resize_lora_module(const std::string& module, const TensorMap& t, const RankRule& rule,
-                                ResizeModuleReport& report, const torch::Device& device) {
-  torch::NoGradGuard no_grad;
+// What a resize can write back: finite values and floating-point factors (FormatError otherwise).
+void check_resizable(const std::string& module, const TensorMap& t) {
   require_finite_module(module, t);
   for (const char* k : {"lora_up.weight", "lora_down.weight", "lora_mid.weight"})
     if (auto f = F::optional(t, k); f.defined() && !torch::isFloatingType(f.scalar_type()))
       throw FormatError(module + ": tensor '" + module + "." + k + "' has dtype " +
                         io::dtype_name(io::from_torch(f.scalar_type())) +
                         ": LoRA factors are floating point (F16, BF16, F32, F64)");
+}
+
+}  // namespace
+
+NamedTensors resize_lora_module(const std::string& module, const TensorMap& t, const RankRule& rule,
+                                ResizeModuleReport& report, const torch::Device& device) {
+  torch::NoGradGuard no_grad;
+  check_resizable(module, t);
   const auto shape = implied_shape(module, t);
   // validates every key and shape the way any loader does (KeyError / ShapeError naming the module)
   auto adapter = load_adapter(module, t, LayerSpec::from_weight_shape(shape, false));
@@ -136,14 +142,11 @@ NamedTensors resize_lora_module(const std::string& module, const TensorMap& t, c
   up_shape.resize(shape.size(), 1);
   down_shape.insert(down_shape.end(), kernel.begin(), kernel.end());
 
-  NamedTensors out;
-  if (auto ds = F::optional(t, "dora_scale"); ds.defined()) out.emplace_back("dora_scale", ds);
-  out.emplace_back("alpha", alpha);
-  out.emplace_back("lora_up.weight",
-                   round_finite(new_up.reshape(up_shape).cpu(), dtype, module, "lora_up.weight", hint).contiguous());
-  out.emplace_back(
-      "lora_down.weight",
-      round_finite(new_down.reshape(down_shape).cpu(), dtype, module, "lora_down.weight", hint).contiguous());
+  F::lora::Weights resized;  // up checked first: the error names it when both overflow
+  resized.up = round_finite(new_up.reshape(up_shape).cpu(), dtype, module, "lora_up.weight", hint).contiguous();
+  resized.down = round_finite(new_down.reshape(down_shape).cpu(), dtype, module, "lora_down.weight", hint).contiguous();
+  // LoRA's writer (dora_scale kept as it is), then the sparse-bias keys as they are
+  auto out = lora_file_tensors(resized, alpha, F::optional(t, "dora_scale"));
   for (const char* k : {"bias_indices", "bias_values", "bias_size"})
     if (auto v = F::optional(t, k); v.defined()) out.emplace_back(k, v);
   if (mid_in.defined())

@@ -76,6 +76,12 @@ class LoKrImpl : public KronAdapter {
 };
 TORCH_MODULE(LoKr);
 
+// The file's tensors of a LoKr module in key order (docs/format.md#key-order): alpha, dora_scale (when defined),
+// then whichever of lokr_w1, lokr_w1_a, lokr_w1_b, lokr_w2, lokr_w2_a, lokr_w2_b, lokr_t2 are defined, detached.
+// The one writer of this layout: LoKr's file_tensors() and extract.
+NamedTensors lokr_file_tensors(const functional::lokr::Weights& weights, const torch::Tensor& alpha,
+                               const torch::Tensor& dora_scale = {});
+
 // Registry entry (docs/format.md#detection marker `lokr_w1` or `lokr_w1_a`).
 Algorithm lokr_algorithm();
 

@@ -35,30 +35,15 @@
 
 #include "lycoris/adapter.hpp"
 #include "lycoris/functional/svd.hpp"
+#include "lycoris/tools/rank_rule.hpp"
 
 namespace lycoris::tools {
 
 enum class ExtractAlgo { LoCon, LoHa, LoKr };
-enum class RankMode { Fixed, Threshold, Ratio, Quantile, Full };
 
-// "locon"/"lora", "loha", "lokr" · "fixed", "threshold", "ratio", "quantile", "full" (OptionError otherwise).
+// "locon"/"lora", "loha", "lokr" (OptionError otherwise). The rank modes are in rank_rule.hpp.
 ExtractAlgo parse_extract_algo(const std::string& name);
-RankMode parse_rank_mode(const std::string& name);
 const char* to_string(ExtractAlgo algo);
-const char* to_string(RankMode mode);
-
-struct RankRule {
-  RankMode mode = RankMode::Fixed;
-  double param = 1;  // the rank (fixed), threshold, ratio or quantile
-};
-// OptionError "<what>: …" for a parameter the mode does not accept (fixed < 1 or not an integer,
-// threshold < 0, ratio/quantile outside [0, 1], NaN).
-void validate(const RankRule& rule, const std::string& what);
-// The mode's raw count on descending singular values S (the reference's rule, before clamping;
-// fixed: the parameter itself, S may be undefined).
-int64_t select_rank(const torch::Tensor& S, const RankRule& rule);
-// The reference clamp: max(1, r), then min(out, in, r).
-int64_t clamp_rank(int64_t r, int64_t out, int64_t in);
 
 struct ExtractOptions {
   ExtractAlgo algo = ExtractAlgo::LoCon;

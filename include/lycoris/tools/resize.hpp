@@ -23,7 +23,7 @@
 #include <vector>
 
 #include "lycoris/adapter.hpp"
-#include "lycoris/tools/extract.hpp"
+#include "lycoris/tools/rank_rule.hpp"
 
 namespace lycoris::tools {
 
