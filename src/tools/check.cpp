@@ -63,6 +63,40 @@ std::string merge_overflow(const io::SafetensorsFile& base, const naming::BaseLa
   return buf;
 }
 
+// "<weight key>#<part>": a layer, or one block of a fused tensor.
+std::string layer_id(const naming::BaseLayer& l) { return l.weight_key + "#" + std::to_string(l.part); }
+
+// NaN/Inf in a module's tensors. An alpha no loader reads (no low-rank factor: LoKr with both factors full,
+// scale 1) may be Inf, as an fp16 save of a full-dimension LoKr's alpha = rank once made it.
+std::vector<std::string> nonfinite_problems(const TensorMap& tensors) {
+  const Algorithm* algo = detect_algorithm(tensors);
+  const bool alpha_unused = algo && algo->rank && algo->rank(tensors) == 0;
+  std::vector<std::string> out;
+  for (const auto& [suffix, t] : tensors)
+    if (t.is_floating_point() && !(suffix == "alpha" && alpha_unused)) {
+      const auto bad = (~torch::isfinite(t)).sum().item<int64_t>();
+      if (bad > 0) out.push_back("nonfinite: " + suffix + " has " + std::to_string(bad) + " NaN/Inf value(s)");
+    }
+  return out;
+}
+
+// Layers the same naming rules reach, of a family the adapter covers elsewhere, but not covered (sorted).
+std::vector<std::string> uncovered_layers(const naming::Resolver& names,
+                                          const std::set<std::pair<std::string, std::string>>& rules_used,
+                                          const std::set<std::string>& families, const std::set<std::string>& covered) {
+  std::vector<std::string> out;
+  std::set<std::string> seen;
+  for (const auto* r : names.all()) {
+    if (!rules_used.count({r->dialect, r->prefix}) || !families.count(family(r->path))) continue;
+    const auto id = layer_id(r->layer);
+    if (covered.count(id) || !seen.insert(id).second) continue;
+    out.push_back(r->layer.weight_key + (r->layer.fused() ? " (part " + std::to_string(r->layer.part) + ")" : "") +
+                  " [" + r->module + "]");
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
 }  // namespace
 
 size_t CheckReport::problems() const {
@@ -90,7 +124,6 @@ CheckReport check(const std::string& adapter_path, const std::string& base_path,
   std::set<std::pair<std::string, std::string>> rules_used;  // (dialect, prefix)
   std::set<std::string> covered, families;                     // "<weight key>#<part>"
   std::map<std::string, CheckNote> notes;
-  auto layer_id = [](const naming::BaseLayer& l) { return l.weight_key + "#" + std::to_string(l.part); };
 
   torch::NoGradGuard no_grad;
   for (const auto& m : adapter.modules) {
@@ -100,14 +133,7 @@ CheckReport check(const std::string& adapter_path, const std::string& base_path,
     const std::string lookup = adapter.format == AdapterFormat::Peft
                                    ? naming::module_name(component_prefix(m.component, AdapterFormat::Kohya), m.path)
                                    : m.name;
-    const Algorithm* detected = detect_algorithm(m.tensors);
-    for (const auto& [suffix, t] : m.tensors)
-      // an alpha no loader reads (no low-rank factor: LoKr with both factors full, scale 1) may be Inf, as
-      // an fp16 save of a full-dimension LoKr's alpha = rank once made it
-      if (t.is_floating_point() && !(suffix == "alpha" && detected && detected->rank && detected->rank(m.tensors) == 0)) {
-        const auto bad = (~torch::isfinite(t)).sum().item<int64_t>();
-        if (bad > 0) c.problems.push_back("nonfinite: " + suffix + " has " + std::to_string(bad) + " NaN/Inf value(s)");
-      }
+    c.problems = nonfinite_problems(m.tensors);
     const auto fit = detail::fit_module(names, lookup, m.name, m.tensors, [&](const naming::Resolution& h) {
       const auto shape = naming::layer_shape(h.layer, shapes.at(h.layer.weight_key));
       return LayerSpec::from_weight_shape(shape, !h.layer.bias_key.empty());
@@ -163,16 +189,7 @@ CheckReport check(const std::string& adapter_path, const std::string& base_path,
     report.modules.push_back(std::move(c));
   }
 
-  // layers the same naming rule reaches, of a family the adapter covers elsewhere, but not covered
-  std::set<std::string> seen;
-  for (const auto* r : names.all()) {
-    if (!rules_used.count({r->dialect, r->prefix}) || !families.count(family(r->path))) continue;
-    const auto id = layer_id(r->layer);
-    if (covered.count(id) || !seen.insert(id).second) continue;
-    report.uncovered.push_back(r->layer.weight_key + (r->layer.fused() ? " (part " + std::to_string(r->layer.part) + ")" : "") +
-                               " [" + r->module + "]");
-  }
-  std::sort(report.uncovered.begin(), report.uncovered.end());
+  report.uncovered = uncovered_layers(names, rules_used, families, covered);
   report.families.assign(families.begin(), families.end());
   for (auto& [k, n] : notes) report.notes.push_back(std::move(n));
   return report;

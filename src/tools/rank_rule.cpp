@@ -8,28 +8,27 @@
 #include <sstream>
 
 #include "lycoris/error.hpp"
+#include "lycoris/text.hpp"
 
 namespace lycoris::tools {
 
+namespace {
+constexpr EnumName<RankMode> kRankModes[] = {{RankMode::Fixed, "fixed"},
+                                             {RankMode::Threshold, "threshold"},
+                                             {RankMode::Ratio, "ratio"},
+                                             {RankMode::Quantile, "quantile"},
+                                             {RankMode::Full, "full"}};
+}  // namespace
+
 RankMode parse_rank_mode(const std::string& name) {
-  if (name == "fixed") return RankMode::Fixed;
-  if (name == "threshold") return RankMode::Threshold;
-  if (name == "ratio") return RankMode::Ratio;
-  if (name == "quantile") return RankMode::Quantile;
-  if (name == "full") return RankMode::Full;
-  throw OptionError("--mode: '" + name + "' is not one of fixed, threshold, ratio, quantile, full");
+  RankMode m;
+  std::string known;
+  if (!parse_enum(kRankModes, name, m, &known))
+    throw OptionError("--mode: '" + escape_control(name) + "' is not one of " + known);
+  return m;
 }
 
-const char* to_string(RankMode mode) {
-  switch (mode) {
-    case RankMode::Fixed: return "fixed";
-    case RankMode::Threshold: return "threshold";
-    case RankMode::Ratio: return "ratio";
-    case RankMode::Quantile: return "quantile";
-    case RankMode::Full: return "full";
-  }
-  return "?";
-}
+const char* to_string(RankMode mode) { return enum_name(kRankModes, mode); }
 
 void validate(const RankRule& rule, const std::string& what) {
   const double p = rule.param;

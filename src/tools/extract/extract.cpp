@@ -23,6 +23,7 @@
 #include "lycoris/io/safetensors.hpp"
 #include "lycoris/naming.hpp"
 #include "tools/tool_checks.hpp"
+#include "lycoris/text.hpp"
 
 namespace lycoris::tools {
 
@@ -30,21 +31,22 @@ namespace F = functional;
 
 // ---------------------------------------------------------------- options and names
 
+namespace {
+constexpr EnumName<ExtractAlgo> kExtractAlgos[] = {{ExtractAlgo::LoCon, "locon"},
+                                                   {ExtractAlgo::LoCon, "lora"},
+                                                   {ExtractAlgo::LoHa, "loha"},
+                                                   {ExtractAlgo::LoKr, "lokr"}};
+}  // namespace
+
 ExtractAlgo parse_extract_algo(const std::string& name) {
-  if (name == "locon" || name == "lora") return ExtractAlgo::LoCon;
-  if (name == "loha") return ExtractAlgo::LoHa;
-  if (name == "lokr") return ExtractAlgo::LoKr;
-  throw OptionError("--algo: '" + name + "' is not one of locon, loha, lokr");
+  ExtractAlgo a;
+  std::string known;
+  if (!parse_enum(kExtractAlgos, name, a, &known))
+    throw OptionError("--algo: '" + escape_control(name) + "' is not one of " + known);
+  return a;
 }
 
-const char* to_string(ExtractAlgo algo) {
-  switch (algo) {
-    case ExtractAlgo::LoCon: return "locon";
-    case ExtractAlgo::LoHa: return "loha";
-    case ExtractAlgo::LoKr: return "lokr";
-  }
-  return "?";
-}
+const char* to_string(ExtractAlgo algo) { return enum_name(kExtractAlgos, algo); }
 
 std::string extract_module_name(const std::string& prefix, const std::string& path) {
   if (prefix == "kohya")
