@@ -59,6 +59,20 @@ void perturb(LycorisNetwork& net, double scale = 0.3) {
   for (auto& p : net->parameters()) p.add_(torch::randn_like(p) * scale);
 }
 
+// A Tiny model with a perturbed LoRA network applied to it.
+struct Applied {
+  Tiny model;
+  LycorisNetwork net{nullptr};
+};
+Applied applied_tiny(uint64_t seed) {
+  torch::manual_seed(seed);
+  Applied a;
+  a.net = create_lycoris(a.model, NetworkOptions());
+  perturb(a.net);
+  a.net->apply_to();
+  return a;
+}
+
 // ---------------------------------------------------------------- 1. nothing matched
 
 TEST(NetworkSafety, NothingMatchedIsAnErrorNamingTargetsAndLayers) {
@@ -120,11 +134,9 @@ TEST(NetworkSafety, TypedBuildersSelectTheirAlgorithmAndNamesAreCaseInsensitive)
 // ---------------------------------------------------------------- 4. merging twice
 
 TEST(NetworkSafety, MergeToTwiceAndApplyAfterMergeAreErrors) {
-  torch::manual_seed(1);
-  Tiny model;
-  auto net = create_lycoris(model, NetworkOptions());
-  perturb(net);
-  net->apply_to();
+  auto a = applied_tiny(1);
+  auto& model = a.model;
+  auto& net = a.net;
   torch::NoGradGuard g;
   const auto applied = model->forward(input());
   net->merge_to(1.0);
@@ -163,11 +175,9 @@ TEST(NetworkSafety, FreezeModelAndSummary) {
 // ---------------------------------------------------------------- 6. stale weights
 
 TEST(NetworkSafety, StepHelperAndEvalNeverLeaveStaleWeights) {
-  torch::manual_seed(3);
-  Tiny model;
-  auto net = create_lycoris(model, NetworkOptions());
-  perturb(net);
-  net->apply_to();
+  auto a = applied_tiny(3);
+  auto& model = a.model;
+  auto& net = a.net;
   // (AdamW updates the parameters in place, which their version counters record)
   torch::optim::AdamW opt(net->parameters(), torch::optim::AdamWOptions(1e-2));
   auto train_step = [&] {
@@ -218,11 +228,9 @@ TEST(NetworkSafety, NegativeAlphaFlipsTheDelta) {
 }
 
 TEST(NetworkSafety, MovingTheModelWhileAppliedIsNamed) {
-  torch::manual_seed(5);
-  Tiny model;
-  auto net = create_lycoris(model, NetworkOptions());
-  perturb(net);
-  net->apply_to();
+  auto a = applied_tiny(5);
+  auto& model = a.model;
+  auto& net = a.net;
   model->to(torch::kFloat64);
   expect_error<Error>([&] { net->refresh(); }, {"model->to()", "net->to", "fc1"}, "refresh after model->to");
   net->to(torch::kFloat64);  // the fix: recomputed against the moved weights
