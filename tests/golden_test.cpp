@@ -4,7 +4,6 @@
 // Plus malformed adapters: each a clear error; the CLI exits non-zero with one stderr line and leaves no
 // output behind.
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 #include <torch/torch.h>
 
 #include <cmath>
@@ -22,11 +21,14 @@
 #include "lycoris/tools/merge.hpp"
 #include "test_util.hpp"
 
-namespace fs = std::filesystem;
-using nlohmann::json;
-
 namespace lycoris {
 namespace golden_test {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+using test::count_lines;
+using test::listing;
+using test::run_cli;
 
 const json& manifest() {
   static const json m = [] {
@@ -112,59 +114,12 @@ void expect_same_checkpoint(const std::string& actual_path, const std::string& e
   }
 }
 
-// --- running the CLI ---
-
-struct CliResult {
-  int code = -1;
-  std::string out, err;
-};
-
-std::string quote(const std::string& s) {
-  std::string q = "'";
-  for (char ch : s) q += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
-  return q + "'";
-}
-
-std::string slurp(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-CliResult run_cli(const std::vector<std::string>& args) {
-  static const std::string dir = test::temp_dir("golden-cli-io");
-  std::string cmd = quote(LYCORIS_CLI);
-  for (const auto& a : args) cmd += " " + quote(a);
-  cmd += " >" + quote(dir + "/out") + " 2>" + quote(dir + "/err");
-  CliResult r;
-  int status = std::system(cmd.c_str());
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  r.out = slurp(dir + "/out");
-  r.err = slurp(dir + "/err");
-  return r;
-}
-
-size_t count_lines(const std::string& s) {
-  size_t n = 0;
-  for (char ch : s) n += ch == '\n';
-  if (!s.empty() && s.back() != '\n') ++n;
-  return n;
-}
-
+// A multiplier as a CLI argument, to the last digit.
 std::string fmt(double v) {
   std::ostringstream os;
   os.precision(17);
   os << v;
   return os.str();
-}
-
-// Files in a directory (to check that nothing — not even a temporary — is left behind).
-std::vector<std::string> listing(const std::string& dir) {
-  std::vector<std::string> out;
-  for (const auto& e : fs::directory_iterator(dir)) out.push_back(e.path().filename().string());
-  std::sort(out.begin(), out.end());
-  return out;
 }
 
 // ---------------------------------------------------------------- golden cases
@@ -589,5 +544,5 @@ TEST(Naming, ResolvesEveryPrefixAndCollidingPaths) {
   EXPECT_EQ(loaded.modules[0].target.layer.weight_key, "a_b.c.weight");
 }
 
-}  // namespace
+}  // namespace golden_test
 }  // namespace lycoris
