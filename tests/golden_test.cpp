@@ -520,29 +520,5 @@ TEST(MergeMalformed, WeightCountMustMatchAdapters) {
   EXPECT_FALSE(fs::exists(t.dir + "/o.safetensors"));
 }
 
-// Names resolve through the base's layers with any known prefix; colliding paths are resolved by shape.
-TEST(Naming, ResolvesEveryPrefixAndCollidingPaths) {
-  naming::Resolver r({"a.b_c.weight", "a_b.c.weight", "a_b.c.bias", "conv_in.weight", "weight", "x.y"});
-  auto hits = r.find("lycoris_a_b_c");
-  ASSERT_EQ(hits.size(), 2u);
-  EXPECT_EQ(r.find("lora_unet_conv_in").at(0)->layer.weight_key, "conv_in.weight");
-  EXPECT_EQ(r.find("lora_te2_conv_in").at(0)->prefix, "lora_te2");
-  EXPECT_EQ(r.find("lycoris_").at(0)->layer.weight_key, "weight");
-  EXPECT_TRUE(r.find("lycoris_x").empty());
-  EXPECT_TRUE(r.find("lycoris_conv_out").empty());
-  EXPECT_EQ(r.closest("lycoris_conv_inn", 1).at(0), "lycoris_conv_in");
-  for (const auto* h : hits)
-    EXPECT_EQ(h->layer.bias_key, h->layer.path == "a_b.c" ? "a_b.c.bias" : "");
-
-  // the loader keeps the candidate the module fits
-  const std::string dir = test::temp_dir("naming-collide");
-  io::save_file(dir + "/base.safetensors", {{"a.b_c.weight", torch::zeros({4, 3})}, {"a_b.c.weight", torch::zeros({5, 3})}});
-  io::save_file(dir + "/ad.safetensors", {{"lycoris_a_b_c.lora_up.weight", torch::ones({5, 1})},
-                                          {"lycoris_a_b_c.lora_down.weight", torch::ones({1, 3})}});
-  auto loaded = load_adapter_for_base(dir + "/ad.safetensors", dir + "/base.safetensors");
-  ASSERT_EQ(loaded.modules.size(), 1u);
-  EXPECT_EQ(loaded.modules[0].target.layer.weight_key, "a_b.c.weight");
-}
-
 }  // namespace golden_test
 }  // namespace lycoris
