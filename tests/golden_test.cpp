@@ -4,7 +4,6 @@
 // Plus malformed adapters: each a clear error; the CLI exits non-zero with one stderr line and leaves no
 // output behind.
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 #include <torch/torch.h>
 
 #include <cmath>
@@ -22,11 +21,14 @@
 #include "lycoris/tools/merge.hpp"
 #include "test_util.hpp"
 
-namespace fs = std::filesystem;
-using nlohmann::json;
-
 namespace lycoris {
 namespace golden_test {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+using test::count_lines;
+using test::listing;
+using test::run_cli;
 
 const json& manifest() {
   static const json m = [] {
@@ -112,59 +114,12 @@ void expect_same_checkpoint(const std::string& actual_path, const std::string& e
   }
 }
 
-// --- running the CLI ---
-
-struct CliResult {
-  int code = -1;
-  std::string out, err;
-};
-
-std::string quote(const std::string& s) {
-  std::string q = "'";
-  for (char ch : s) q += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
-  return q + "'";
-}
-
-std::string slurp(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-CliResult run_cli(const std::vector<std::string>& args) {
-  static const std::string dir = test::temp_dir("golden-cli-io");
-  std::string cmd = quote(LYCORIS_CLI);
-  for (const auto& a : args) cmd += " " + quote(a);
-  cmd += " >" + quote(dir + "/out") + " 2>" + quote(dir + "/err");
-  CliResult r;
-  int status = std::system(cmd.c_str());
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  r.out = slurp(dir + "/out");
-  r.err = slurp(dir + "/err");
-  return r;
-}
-
-size_t count_lines(const std::string& s) {
-  size_t n = 0;
-  for (char ch : s) n += ch == '\n';
-  if (!s.empty() && s.back() != '\n') ++n;
-  return n;
-}
-
+// A multiplier as a CLI argument, to the last digit.
 std::string fmt(double v) {
   std::ostringstream os;
   os.precision(17);
   os << v;
   return os.str();
-}
-
-// Files in a directory (to check that nothing — not even a temporary — is left behind).
-std::vector<std::string> listing(const std::string& dir) {
-  std::vector<std::string> out;
-  for (const auto& e : fs::directory_iterator(dir)) out.push_back(e.path().filename().string());
-  std::sort(out.begin(), out.end());
-  return out;
 }
 
 // ---------------------------------------------------------------- golden cases
@@ -565,29 +520,5 @@ TEST(MergeMalformed, WeightCountMustMatchAdapters) {
   EXPECT_FALSE(fs::exists(t.dir + "/o.safetensors"));
 }
 
-// Names resolve through the base's layers with any known prefix; colliding paths are resolved by shape.
-TEST(Naming, ResolvesEveryPrefixAndCollidingPaths) {
-  naming::Resolver r({"a.b_c.weight", "a_b.c.weight", "a_b.c.bias", "conv_in.weight", "weight", "x.y"});
-  auto hits = r.find("lycoris_a_b_c");
-  ASSERT_EQ(hits.size(), 2u);
-  EXPECT_EQ(r.find("lora_unet_conv_in").at(0)->layer.weight_key, "conv_in.weight");
-  EXPECT_EQ(r.find("lora_te2_conv_in").at(0)->prefix, "lora_te2");
-  EXPECT_EQ(r.find("lycoris_").at(0)->layer.weight_key, "weight");
-  EXPECT_TRUE(r.find("lycoris_x").empty());
-  EXPECT_TRUE(r.find("lycoris_conv_out").empty());
-  EXPECT_EQ(r.closest("lycoris_conv_inn", 1).at(0), "lycoris_conv_in");
-  for (const auto* h : hits)
-    EXPECT_EQ(h->layer.bias_key, h->layer.path == "a_b.c" ? "a_b.c.bias" : "");
-
-  // the loader keeps the candidate the module fits
-  const std::string dir = test::temp_dir("naming-collide");
-  io::save_file(dir + "/base.safetensors", {{"a.b_c.weight", torch::zeros({4, 3})}, {"a_b.c.weight", torch::zeros({5, 3})}});
-  io::save_file(dir + "/ad.safetensors", {{"lycoris_a_b_c.lora_up.weight", torch::ones({5, 1})},
-                                          {"lycoris_a_b_c.lora_down.weight", torch::ones({1, 3})}});
-  auto loaded = load_adapter_for_base(dir + "/ad.safetensors", dir + "/base.safetensors");
-  ASSERT_EQ(loaded.modules.size(), 1u);
-  EXPECT_EQ(loaded.modules[0].target.layer.weight_key, "a_b.c.weight");
-}
-
-}  // namespace
+}  // namespace golden_test
 }  // namespace lycoris

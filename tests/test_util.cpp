@@ -184,4 +184,10 @@ CliResult run_cli(const std::vector<std::string>& args, const CliOptions& option
   return p.wait();
 }
 
+std::vector<std::string> with_words(std::vector<std::string> head, const std::string& tail) {
+  std::istringstream words(tail);
+  for (std::string w; words >> w;) head.push_back(w);
+  return head;
+}
+
 }  // namespace lycoris::test

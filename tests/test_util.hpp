@@ -73,6 +73,9 @@ class CliProcess {
 
 // Runs `lycoris args...` to the end.
 CliResult run_cli(const std::vector<std::string>& args, const CliOptions& options = {});
+// `head` followed by the words of `tail`, split at spaces (options written as one string: "--dim 2 --ratio 0.5";
+// no quoting).
+std::vector<std::string> with_words(std::vector<std::string> head, const std::string& tail);
 
 // The whole content of a file ("" if it cannot be read).
 std::string slurp(const std::string& path);

@@ -1,4 +1,4 @@
-// The main demo's reusable pieces (shared by examples/demo/main.cpp and tests/demo_test.cpp):
+// The main demo's reusable pieces (shared by examples/demo/main.cpp and tests/examples/demo_test.cpp):
 // Fashion-MNIST data, a small base model with every layer kind LyCORIS targets, pretraining with a
 // cache, adapter training through the network API, evaluation, and the report (table, CSV, Markdown,
 // gnuplot PNG). docs/demo.md describes the experiment.

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generates the malformed (and tricky-but-valid) safetensors corpus used by tests/io_malformed_test.cpp
+"""Generates the malformed (and tricky-but-valid) safetensors corpus used by tests/io/io_malformed_test.cpp
 and as the fuzzer's seed corpus. The generated files are committed (python is not needed to run the
 tests); re-run this script after editing it:  python3 tests/data/malformed/make_corpus.py
 

@@ -1,11 +1,14 @@
 // Naming dialects: the diffusers ↔ ldm U-Net table on every layer of the SD1.5 layer list (and back), the
 // worked examples of docs/tools.md#checkpoint-layouts, OpenCLIP ↔ HF with the fused q/k/v rows, kohya / SGM / ldm names
-// resolved through the Resolver, layout detection and its errors, and the underscore → dot guess.
+// resolved through the Resolver (every known prefix; colliding paths resolved by shape at load), layout
+// detection and its errors, and the underscore → dot guess.
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "lycoris/adapter_file.hpp"
 #include "lycoris/error.hpp"
+#include "lycoris/io/safetensors.hpp"
 #include "lycoris/naming.hpp"
 #include "test_util.hpp"
 
@@ -218,6 +221,31 @@ TEST(NamingGuess, UnderscoreToDot) {
   EXPECT_EQ(guess_path("text_model_final_layer_norm"), "text_model.final_layer_norm");
   EXPECT_EQ(guess_path("blocks_0_attn_to_out_0"), "blocks.0.attn.to_out.0");
   EXPECT_EQ(guess_path("temporal_conv"), "temporal.conv");
+}
+
+// Names resolve through the base's layers with any known prefix; colliding paths are resolved by shape.
+TEST(Naming, ResolvesEveryPrefixAndCollidingPaths) {
+  Resolver r({"a.b_c.weight", "a_b.c.weight", "a_b.c.bias", "conv_in.weight", "weight", "x.y"});
+  auto hits = r.find("lycoris_a_b_c");
+  ASSERT_EQ(hits.size(), 2u);
+  EXPECT_EQ(r.find("lora_unet_conv_in").at(0)->layer.weight_key, "conv_in.weight");
+  EXPECT_EQ(r.find("lora_te2_conv_in").at(0)->prefix, "lora_te2");
+  EXPECT_EQ(r.find("lycoris_").at(0)->layer.weight_key, "weight");
+  EXPECT_TRUE(r.find("lycoris_x").empty());
+  EXPECT_TRUE(r.find("lycoris_conv_out").empty());
+  EXPECT_EQ(r.closest("lycoris_conv_inn", 1).at(0), "lycoris_conv_in");
+  for (const auto* h : hits)
+    EXPECT_EQ(h->layer.bias_key, h->layer.path == "a_b.c" ? "a_b.c.bias" : "");
+
+  // the loader keeps the candidate the module fits
+  const std::string dir = lycoris::test::temp_dir("naming-collide");
+  lycoris::io::save_file(dir + "/base.safetensors",
+                         {{"a.b_c.weight", torch::zeros({4, 3})}, {"a_b.c.weight", torch::zeros({5, 3})}});
+  lycoris::io::save_file(dir + "/ad.safetensors", {{"lycoris_a_b_c.lora_up.weight", torch::ones({5, 1})},
+                                                   {"lycoris_a_b_c.lora_down.weight", torch::ones({1, 3})}});
+  auto loaded = lycoris::load_adapter_for_base(dir + "/ad.safetensors", dir + "/base.safetensors");
+  ASSERT_EQ(loaded.modules.size(), 1u);
+  EXPECT_EQ(loaded.modules[0].target.layer.weight_key, "a_b.c.weight");
 }
 
 }  // namespace naming_test

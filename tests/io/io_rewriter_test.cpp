@@ -19,10 +19,6 @@ namespace fs = std::filesystem;
 using lycoris::io::SafetensorsFile;
 using lycoris::io::SafetensorsRewriter;
 
-size_t files_in(const std::string& dir) {
-  return static_cast<size_t>(std::distance(fs::directory_iterator(dir), fs::directory_iterator()));
-}
-
 // ~70 MB of tensors of odd sizes (fp16, fp32, u8, empty) and one of 9 MB.
 std::vector<std::pair<std::string, torch::Tensor>> sample_tensors() {
   torch::manual_seed(3);
@@ -76,7 +72,7 @@ TEST(IoRewriter, EveryByteThroughASmallWindowWithEditsInPlace) {
         auto expected = t.scalar_type() == torch::kFloat16 ? -t : t;
         EXPECT_TRUE(torch::equal(b.tensor(name), expected)) << dir << " " << name;
       }
-      EXPECT_EQ(files_in(dir), 2u) << dir;  // in + out, no temporary left
+      EXPECT_EQ(lycoris::test::listing(dir).size(), 2u) << dir;  // in + out, no temporary left
       fs::remove(in);
       fs::remove(out);
     }
@@ -119,7 +115,7 @@ TEST(IoRewriter, MisuseAndAbandonLeaveNoOutput) {
     EXPECT_THROW(rw.commit(), lycoris::KeyError);  // b never released
   }  // abandoned
   EXPECT_FALSE(fs::exists(out));
-  EXPECT_EQ(files_in(dir), 1u);
+  EXPECT_EQ(lycoris::test::listing(dir).size(), 1u);
 }
 
 TEST(IoRewriter, InputTruncatedWhileReading) {
@@ -140,7 +136,7 @@ TEST(IoRewriter, InputTruncatedWhileReading) {
   }
   EXPECT_NE(message.find(in + ": unexpected end of file"), std::string::npos) << message;
   EXPECT_FALSE(fs::exists(out));
-  EXPECT_EQ(files_in(dir), 1u);
+  EXPECT_EQ(lycoris::test::listing(dir).size(), 1u);
 }
 
 TEST(IoRewriter, WriteErrorLeavesNoTrace) {
@@ -168,7 +164,7 @@ TEST(IoRewriter, WriteErrorLeavesNoTrace) {
   limit.reset();
   EXPECT_NE(message.find(out + ": write failed"), std::string::npos) << message;
   EXPECT_FALSE(fs::exists(out));
-  EXPECT_EQ(files_in(dir), 1u);
+  EXPECT_EQ(lycoris::test::listing(dir).size(), 1u);
 }
 
 }  // namespace io_rewriter_test

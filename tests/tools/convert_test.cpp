@@ -3,8 +3,6 @@
 // PEFT alphas read from adapter_config.json (worked example); kohya SDXL (SGM) names become diffusers
 // paths; refusals; merging a converted adapter into an ldm-named base equals merging it into the
 // diffusers-named base; CLI errors.
-#include <sys/wait.h>
-
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -22,24 +20,9 @@ namespace convert_test {
 using namespace lycoris;
 namespace fs = std::filesystem;
 using tools::AdapterFormat;
+using lycoris::test::run_cli;
 
-struct Run {
-  int code;
-  std::string out, err;
-};
-
-std::string slurp(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
-
-Run run_cli(const std::string& args) {
-  static const std::string dir = test::temp_dir("convert-cli");
-  const std::string out = dir + "/out", err = dir + "/err";
-  int status = std::system((std::string("'") + LYCORIS_CLI + "' " + args + " >'" + out + "' 2>'" + err + "'").c_str());
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(out), slurp(err)};
-}
-
+// Newline characters in a text (one-line messages end with one).
 size_t lines(const std::string& s) { return static_cast<size_t>(std::count(s.begin(), s.end(), '\n')); }
 
 tools::ConvertReport convert_to(const std::string& in, const std::string& out, AdapterFormat to,
@@ -304,15 +287,15 @@ TEST(Convert, MergeOfConvertedAdapterIntoLdmBaseEqualsDiffusersBase) {
   EXPECT_EQ(changed, 10u);  // every weight changed, biases untouched
 
   // the CLI detects the layout by itself, and refuses a forced layout the keys contradict
-  auto r = run_cli("merge '" + t.ldm + "' '" + k + "' -o '" + t.dir + "/m_cli.safetensors' -q");
+  auto r = run_cli({"merge", t.ldm, k, "-o", t.dir + "/m_cli.safetensors", "-q"});
   EXPECT_EQ(r.code, 0) << r.err;
   auto mc = io::SafetensorsFile::open(t.dir + "/m_cli.safetensors");
   for (const auto& [dk, lk] : t.to_ldm) EXPECT_TRUE(torch::equal(mc.tensor(lk), ml.tensor(lk))) << lk;
-  r = run_cli("merge '" + t.diffusers + "' '" + k + "' -o '" + t.dir + "/bad.safetensors' --base-format ldm");
+  r = run_cli({"merge", t.diffusers, k, "-o", t.dir + "/bad.safetensors", "--base-format", "ldm"});
   EXPECT_NE(r.code, 0);
   EXPECT_EQ(lines(r.err), 1u) << r.err;
   EXPECT_NE(r.err.find("ldm"), std::string::npos) << r.err;
-  r = run_cli("merge '" + t.diffusers + "' '" + k + "' -o '" + t.dir + "/bad.safetensors' --base-format sgm");
+  r = run_cli({"merge", t.diffusers, k, "-o", t.dir + "/bad.safetensors", "--base-format", "sgm"});
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.err.find("unknown base layout 'sgm'"), std::string::npos) << r.err;
   EXPECT_FALSE(fs::exists(t.dir + "/bad.safetensors"));
@@ -345,15 +328,15 @@ TEST(Convert, MergeIntoFusedOpenClipProjections) {
 TEST(Convert, CliUsageAndErrors) {
   const auto dir = test::temp_dir("convert-cli-errors");
   const auto src = test::data_path("golden/loha_alpha/adapter.safetensors");
-  auto r = run_cli("convert '" + src + "' --to peft -o '" + dir + "/p.safetensors'");
+  auto r = run_cli({"convert", src, "--to", "peft", "-o", dir + "/p.safetensors"});
   EXPECT_EQ(r.code, 0) << r.err;
   EXPECT_NE(r.out.find("from lycoris to peft"), std::string::npos) << r.out;
   EXPECT_NE(r.err.find("guessed"), std::string::npos) << r.err;  // no --base: says the paths are guessed
-  r = run_cli("convert '" + src + "' --to onnx -o '" + dir + "/x.safetensors'");
+  r = run_cli({"convert", src, "--to", "onnx", "-o", dir + "/x.safetensors"});
   EXPECT_NE(r.code, 0);
   EXPECT_EQ(lines(r.err), 1u) << r.err;
   EXPECT_NE(r.err.find("unknown adapter format 'onnx'"), std::string::npos) << r.err;
-  r = run_cli("convert '" + test::data_path("golden/ia3/adapter.safetensors") + "' --to peft -o '" + dir + "/x.safetensors'");
+  r = run_cli({"convert", test::data_path("golden/ia3/adapter.safetensors"), "--to", "peft", "-o", dir + "/x.safetensors"});
   EXPECT_NE(r.code, 0);
   EXPECT_EQ(lines(r.err), 1u) << r.err;
   EXPECT_NE(r.err.find("ia3"), std::string::npos) << r.err;

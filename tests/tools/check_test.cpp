@@ -2,8 +2,6 @@
 // NaN; the uncovered layers of covered families; clean golden adapters; the loader notes of DoRA / OFT /
 // LoHa α≠r / (IA)^3 files; ldm bases (incl. fused OpenCLIP q/k/v rows) and PEFT adapters; exit codes
 // 0 / 1 / 2 and the JSON report through the CLI.
-#include <sys/wait.h>
-
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -17,23 +15,7 @@
 namespace check_test {
 
 using namespace lycoris;
-
-struct Run {
-  int code;
-  std::string out, err;
-};
-
-std::string slurp(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
-
-Run run_cli(const std::string& args) {
-  static const std::string dir = test::temp_dir("check-cli");
-  const std::string out = dir + "/out", err = dir + "/err";
-  int status = std::system((std::string("'") + LYCORIS_CLI + "' " + args + " >'" + out + "' 2>'" + err + "'").c_str());
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(out), slurp(err)};
-}
+using lycoris::test::run_cli;
 
 const tools::CheckModule& module(const tools::CheckReport& r, const std::string& name) {
   for (const auto& m : r.modules)
@@ -118,11 +100,11 @@ TEST(Check, CraftedAdapterProblemsAndCoverage) {
   EXPECT_EQ(r.uncovered[1].rfind(kTB + "1.attn1.to_v.weight", 0), 0u) << r.uncovered[1];
 
   // CLI: exit 1, text names the problems; --json parses with the same content
-  auto run = run_cli("check '" + c.adapter + "' --base '" + c.base + "'");
+  auto run = run_cli({"check", c.adapter, "--base", c.base});
   EXPECT_EQ(run.code, 1) << run.err;
   EXPECT_NE(run.out.find("UNMATCHED  " + p0 + "to_qq"), std::string::npos) << run.out;
   EXPECT_NE(run.out.find("3 module(s) with problems"), std::string::npos) << run.out;
-  run = run_cli("check '" + c.adapter + "' --base '" + c.base + "' --json");
+  run = run_cli({"check", c.adapter, "--base", c.base, "--json"});
   EXPECT_EQ(run.code, 1);
   auto j = nlohmann::json::parse(run.out);
   EXPECT_EQ(j["problems"], 3);
@@ -167,8 +149,8 @@ TEST(Check, GoldenAdaptersAreCleanWithTheirLoaderNotes) {
   auto r = tools::check(test::data_path("golden/lora_dora/adapter.safetensors"),
                         test::data_path("golden/lora_dora/base.safetensors"));
   EXPECT_EQ(r.notes.at(0).modules.size(), r.modules.size());
-  auto run = run_cli("check '" + test::data_path("golden/lora/adapter.safetensors") + "' --base '" +
-                     test::data_path("golden/lora/base.safetensors") + "'");
+  auto run = run_cli({"check", test::data_path("golden/lora/adapter.safetensors"), "--base",
+                     test::data_path("golden/lora/base.safetensors")});
   EXPECT_EQ(run.code, 0) << run.out << run.err;
   EXPECT_NE(run.out.find("clean"), std::string::npos);
 }
@@ -213,10 +195,10 @@ TEST(Check, LdmBaseAndPeftAdapter) {
 
 TEST(Check, BadInputExitsWithTwo) {
   auto c = crafted();
-  auto run = run_cli("check '" + c.adapter + "' --base '" + c.dir + "/missing.safetensors'");
+  auto run = run_cli({"check", c.adapter, "--base", c.dir + "/missing.safetensors"});
   EXPECT_EQ(run.code, 2);
   EXPECT_NE(run.err.find("missing.safetensors"), std::string::npos) << run.err;
-  run = run_cli("check '" + c.adapter + "' --base '" + c.base + "' --base-format sgm");
+  run = run_cli({"check", c.adapter, "--base", c.base, "--base-format", "sgm"});
   EXPECT_EQ(run.code, 2);
   EXPECT_NE(run.err.find("unknown base layout 'sgm'"), std::string::npos) << run.err;
   // (CLI start-up costs ~1 s: the remaining bad inputs through the library, which the CLI maps to exit 2)

@@ -17,12 +17,9 @@ namespace io_header_test {
 using namespace lycoris;
 using namespace lycoris::io;
 
-namespace {
+using lycoris::test::slurp;
 
-std::string read_all(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
+namespace {
 
 void write_all(const std::string& path, const std::string& bytes) {
   std::ofstream(path, std::ios::binary) << bytes;
@@ -110,8 +107,8 @@ TEST(IoHeader, OtherFormatsNamed) {
     std::string name, bytes, expected;
   };
   const std::vector<Case> cases = {
-      {"tensor.pt", read_all(dir + "/tensor.pt"), "this is a ZIP archive (a PyTorch .pt/.pth/.ckpt checkpoint"},
-      {"ivalue.pt", read_all(dir + "/ivalue.pt"), "this is a ZIP archive"},
+      {"tensor.pt", slurp(dir + "/tensor.pt"), "this is a ZIP archive (a PyTorch .pt/.pth/.ckpt checkpoint"},
+      {"ivalue.pt", slurp(dir + "/ivalue.pt"), "this is a ZIP archive"},
       // torch.save's flags 0x0808 at bytes 6-7: the length read was 578712552184433488
       {"model.ckpt", std::string("PK\x03\x04\x00\x00\x08\x08\x00\x00", 10) + std::string(54, 'x'), "ZIP archive"},
       // version 0, flags 0: a length of 67324752 bytes, past the end of this small file

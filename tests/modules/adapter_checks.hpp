@@ -1,6 +1,7 @@
-// Checks shared by the per-algorithm adapter tests (full, norm, ia3, glora, diag_oft, boft):
-// host layers to test on, bypass == rebuild, autograd vs finite differences, file round trip, and the
-// golden cases of tests/data/golden (merged weights at m = 1 and 0.7, module outputs rebuild and bypass).
+// Checks shared by the per-algorithm adapter tests (tests/modules/<algo>_test.cpp): host layers to test on,
+// bypass == rebuild, autograd vs finite differences, file round trip, all of them at once for one set of
+// options, and the golden cases of tests/data/golden (merged weights at m = 1 and 0.7, module outputs
+// rebuild and bypass).
 #pragma once
 #include <gtest/gtest.h>
 #include <torch/torch.h>
@@ -147,6 +148,45 @@ inline void expect_module_dropout(const Algorithm& algo, AdapterOptions options,
   EXPECT_TRUE(torch::equal(a->bypass_forward(x, W, b, 1.0), layer_forward(x, l, W, b))) << algo.name;
   a->eval();
   EXPECT_FALSE(torch::allclose(a->apply_weight(W, 1.0), W)) << algo.name;
+}
+
+// apply_weight(W, m) == W + m·ΔW for a random host weight W: an adapter's ΔW against its formula, written out
+// by the caller from the adapter's own tensors.
+inline void expect_delta(AdapterImpl& a, const torch::Tensor& dW, double m, double tol, const std::string& what = "") {
+  const auto W = torch::randn(dW.sizes(), dW.options());
+  torch::NoGradGuard g;
+  EXPECT_TRUE(all_close(a.apply_weight(W, m), W + m * dW, tol, tol, what + " W' = W + m·ΔW"));
+}
+
+// The generic checks of a fresh adapter of `algo` for each named set of options, on every host layer the
+// algorithm supports: W' = W at init; then, with random parameters, bypass == rebuild (m = 0.7 and 1), the
+// file round trip through `algo`'s loader, fp16 / bf16 hosts and module dropout; autograd against finite
+// differences (evaluation mode) on the Linear layer and the 2-D conv.
+inline void expect_generic_adapter(const Algorithm& algo,
+                                   const std::vector<std::pair<std::string, AdapterOptions>>& variants) {
+  const auto layers = host_layers();
+  for (const auto& [what, options] : variants) {
+    for (size_t i = 0; i < layers.size(); ++i) {
+      const auto& l = layers[i];
+      if (algo.supports && !algo.supports(l)) continue;
+      const std::string where = what + " on " + l.describe();
+      SCOPED_TRACE(where);
+      auto a = algo.create(l, options);
+      {
+        auto W = torch::randn(l.weight_shape());
+        torch::NoGradGuard g;
+        EXPECT_TRUE(all_close(a->apply_weight(W, 1.0), W, 1e-6, 1e-6, "W' = W at init"));  // (DoRA: ‖W‖ taken here)
+      }
+      randomize(*a);
+      a->to(torch::kFloat64);
+      expect_bypass_equals_rebuild(*a, l, 0.7, where);
+      expect_bypass_equals_rebuild(*a, l, 1.0, where);
+      expect_round_trip(*a, algo, l, where);
+      if (i == 0 || i == 2) expect_gradients_match(*a, l, 0.7, where);  // after the round trip: evaluation mode
+      expect_low_precision_host(*a, l, where);
+      expect_module_dropout(algo, options, l);
+    }
+  }
 }
 
 // --- golden cases ---

@@ -1,11 +1,8 @@
 // `lycoris extract`: rank rules against matrices with known singular values, Eckart–Young optimality on the
 // golden cases (base + merged(golden adapter)), exact Kronecker / Tucker recovery, the LoHa bound, the sparse
 // bias, the randomized SVD, and clear errors (library and CLI).
-#include <sys/wait.h>
-
 #include <algorithm>
 #include <filesystem>
-#include <fstream>
 #include <map>
 
 #include "lycoris/adapter_file.hpp"
@@ -20,19 +17,8 @@ namespace extract_test {
 using namespace lycoris;
 using namespace lycoris::tools;
 namespace F = lycoris::functional;
-
-struct CliRun {
-  int code;
-  std::string err;
-};
-
-CliRun run_cli(const std::string& args) {
-  static const std::string dir = test::temp_dir("extract_cli");
-  const std::string err = dir + "/err";
-  int status = std::system((std::string("'") + LYCORIS_CLI + "' " + args + " >/dev/null 2>'" + err + "'").c_str());
-  std::ifstream in(err);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, std::string(std::istreambuf_iterator<char>(in), {})};
-}
+using lycoris::test::run_cli;
+using lycoris::test::with_words;
 
 // A (m, n) matrix with exactly the singular values s (random orthonormal U, V).
 torch::Tensor with_singular_values(int64_t m, int64_t n, const std::vector<double>& s, torch::ScalarType dt) {
@@ -487,45 +473,40 @@ TEST(ExtractErrors, CliExitsNonZeroWithOneLine) {
   const std::string dir = test::temp_dir("extract_cli_errors");
   io::save_file(dir + "/base.safetensors", {{"a.weight", torch::zeros({4, 3})}});
   io::save_file(dir + "/shape.safetensors", {{"a.weight", torch::ones({4, 4})}});
-  const std::string b = "'" + dir + "/base.safetensors' ";
+  const std::string b = dir + "/base.safetensors", o = dir + "/o.safetensors";
   // bad input exits 1, a bad option value 2 (a usage error)
-  for (const auto& [args, code] : std::vector<std::pair<std::string, int>>{
-           {"extract " + b + "'" + dir + "/shape.safetensors' -o '" + dir + "/o.safetensors'", 1},
-           {"extract " + b + b + "-o '" + dir + "/o.safetensors' --mode ratio --linear-ratio 2", 2},
-           {"extract " + b + b + "-o '" + dir + "/o.safetensors' --algo nope", 2},
-           {"extract " + b + b + "-o '" + dir + "/o.safetensors' --linear-dim 0", 2},
-           {"extract " + b + b + "-o '" + dir + "/o.safetensors' --dtype int8", 2}}) {
+  for (const auto& [args, code] : std::vector<std::pair<std::vector<std::string>, int>>{
+           {{"extract", b, dir + "/shape.safetensors", "-o", o}, 1},
+           {{"extract", b, b, "-o", o, "--mode", "ratio", "--linear-ratio", "2"}, 2},
+           {{"extract", b, b, "-o", o, "--algo", "nope"}, 2},
+           {{"extract", b, b, "-o", o, "--linear-dim", "0"}, 2},
+           {{"extract", b, b, "-o", o, "--dtype", "int8"}, 2}}) {
     auto r = run_cli(args);
-    EXPECT_EQ(r.code, code) << args;
+    EXPECT_EQ(r.code, code) << ::testing::PrintToString(args);
     EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
     EXPECT_EQ(r.err.rfind("lycoris: error: ", 0), 0u) << r.err;
   }
   EXPECT_FALSE(std::filesystem::exists(dir + "/o.safetensors"));
   // a working run: exit 0
   io::save_file(dir + "/tuned.safetensors", {{"a.weight", torch::randn({4, 3})}});
-  auto ok = run_cli("extract " + b + "'" + dir + "/tuned.safetensors' -o '" + dir + "/o.safetensors' --linear-dim 1");
+  auto ok = run_cli({"extract", b, dir + "/tuned.safetensors", "-o", o, "--linear-dim", "1"});
   EXPECT_EQ(ok.code, 0) << ok.err;
   EXPECT_TRUE(std::filesystem::exists(dir + "/o.safetensors"));
 }
 
 // ---------------------------------------------------------------- non-finite values, torch errors, output path
 
-size_t files_in(const std::string& dir) {
-  return static_cast<size_t>(
-      std::distance(std::filesystem::directory_iterator(dir), std::filesystem::directory_iterator()));
-}
-
 // `extract BASE TUNED -o OUT_DIR/o.safetensors ARGS` must fail with exit 1 and one stderr line holding every
 // one of `expected`, leaving OUT_DIR empty.
 void expect_one_line_error(const std::string& base, const std::string& tuned, const std::string& args,
                            const std::vector<std::string>& expected) {
   const std::string out_dir = test::temp_dir("extract_fail_out");
-  auto r = run_cli("extract '" + base + "' '" + tuned + "' -o '" + out_dir + "/o.safetensors' " + args);
+  auto r = run_cli(with_words({"extract", base, tuned, "-o", out_dir + "/o.safetensors"}, args));
   EXPECT_EQ(r.code, 1) << tuned;
   EXPECT_EQ(r.err.rfind("lycoris: error: ", 0), 0u) << r.err;
   EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
   for (const auto& e : expected) EXPECT_NE(r.err.find(e), std::string::npos) << "'" << e << "' not in: " << r.err;
-  EXPECT_EQ(files_in(out_dir), 0u) << tuned;
+  EXPECT_EQ(test::listing(out_dir).size(), 0u) << tuned;
 }
 
 TEST(ExtractNonFinite, NaNOrInfInputIsAOneLineErrorNamingFileAndKey) {
@@ -566,7 +547,7 @@ TEST(ExtractNonFinite, F16OverflowOfTheOutputIsAnErrorSuggestingAWiderDtype) {
     expect_one_line_error(base, tuned, mode,
                           {tuned + ": layer a.weight: lycoris_a.", "overflow F16: choose a wider --dtype"});
     // the same layer fits fp32
-    auto ok = run_cli("extract '" + base + "' '" + tuned + "' -o '" + dir + "/o.safetensors' --dtype fp32 " + mode);
+    auto ok = run_cli(with_words({"extract", base, tuned, "-o", dir + "/o.safetensors", "--dtype", "fp32"}, mode));
     EXPECT_EQ(ok.code, 0) << ok.err;
     auto f = io::SafetensorsFile::open(dir + "/o.safetensors");
     for (const auto& n : f.names()) EXPECT_TRUE(torch::isfinite(f.tensor(n)).all().item<bool>()) << n;
@@ -591,15 +572,15 @@ TEST(ExtractErrors, TorchErrorsAreOneLineNamingFileAndLayer) {
     EXPECT_EQ(what.rfind(tuned + ": layer a.weight: ", 0), 0u) << what;
     EXPECT_EQ(what.find('\n'), std::string::npos) << what;
   }
-  EXPECT_EQ(files_in(dir), 2u);
+  EXPECT_EQ(test::listing(dir).size(), 2u);
   // the CLI refuses such a device before any work
   for (const auto* device : {"cuda", "cuda:3", "meta", "nope"}) {
-    auto r = run_cli("extract '" + base + "' '" + tuned + "' -o '" + dir + "/o.safetensors' --device " + device);
+    auto r = run_cli({"extract", base, tuned, "-o", dir + "/o.safetensors", "--device", device});
     EXPECT_TRUE(r.code == 1 || r.code == 2) << r.code;
     EXPECT_EQ(r.err.rfind(std::string("lycoris: error: --device: '") + device + "'", 0), 0u) << r.err;
     EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
   }
-  EXPECT_EQ(files_in(dir), 2u);
+  EXPECT_EQ(test::listing(dir).size(), 2u);
 }
 
 TEST(ExtractErrors, UnwritableOutputFailsBeforeAnyWork) {
@@ -619,18 +600,18 @@ TEST(ExtractErrors, UnwritableOutputFailsBeforeAnyWork) {
       EXPECT_EQ(std::string(e.what()).rfind(out + ": cannot write here: ", 0), 0u) << e.what();
     }
     EXPECT_EQ(layers, 0);  // no layer was extracted
-    auto r = run_cli("extract '" + base + "' '" + tuned + "' -o '" + out + "' --linear-dim 4 --conv-dim 4");
+    auto r = run_cli({"extract", base, tuned, "-o", out, "--linear-dim", "4", "--conv-dim", "4"});
     EXPECT_EQ(r.code, 1);
     EXPECT_EQ(r.err.rfind("lycoris: error: " + out + ": cannot write here: ", 0), 0u) << r.err;
     EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
   }
-  EXPECT_EQ(files_in(out_dir), 0u);
+  EXPECT_EQ(test::listing(out_dir).size(), 0u);
   EXPECT_FALSE(std::filesystem::exists("/nonexistent"));
   // a plain output in a writable directory still works
-  auto ok = run_cli("extract '" + base + "' '" + tuned + "' -o '" + out_dir + "/x.safetensors' --linear-dim 4");
+  auto ok = run_cli({"extract", base, tuned, "-o", out_dir + "/x.safetensors", "--linear-dim", "4"});
   EXPECT_EQ(ok.code, 0) << ok.err;
   EXPECT_EQ(io::SafetensorsFile::open(out_dir + "/x.safetensors").names().size(), 6u);  // 2 × alpha, up, down
-  EXPECT_EQ(files_in(out_dir), 1u);
+  EXPECT_EQ(test::listing(out_dir).size(), 1u);
 }
 
 }  // namespace extract_test

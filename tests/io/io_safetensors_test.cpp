@@ -16,22 +16,15 @@ namespace fs = std::filesystem;
 using namespace lycoris;
 using namespace lycoris::io;
 
-namespace {
+using lycoris::test::slurp;
 
-std::string read_all(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
+namespace {
 
 void write_raw(const std::string& path, const std::string& header, const std::string& data) {
   std::ofstream out(path, std::ios::binary);
   uint64_t n = header.size();
   for (int i = 0; i < 8; ++i) out.put(static_cast<char>(n >> (8 * i)));
   out << header << data;
-}
-
-size_t files_in(const std::string& dir) {
-  return static_cast<size_t>(std::distance(fs::directory_iterator(dir), fs::directory_iterator()));
 }
 
 }  // namespace
@@ -127,7 +120,7 @@ TEST(IoSafetensors, RoundTripEveryDtype) {
     EXPECT_EQ(from_torch(t.scalar_type()), f.info(name).dtype);
   }
   // Padding: data starts at a multiple of 8; header is padded with spaces.
-  auto bytes = read_all(path);
+  auto bytes = slurp(path);
   EXPECT_EQ(f.header().data_start % 8, 0u);
   EXPECT_EQ(bytes.size(), f.file_size());
   EXPECT_EQ(bytes[f.header().data_start - 1] == ' ' || bytes[f.header().data_start - 1] == '}', true);
@@ -137,7 +130,7 @@ TEST(IoSafetensors, RoundTripEveryDtype) {
   int64_t first;
   std::memcpy(&first, bytes.data() + f.header().data_start + info.begin, 8);
   EXPECT_EQ(first, -3);
-  EXPECT_EQ(files_in(dir), 1u);  // no temporary left behind
+  EXPECT_EQ(test::listing(dir).size(), 1u);  // no temporary left behind
 }
 
 TEST(IoSafetensors, HeaderPaddingToEightBytes) {
@@ -145,7 +138,7 @@ TEST(IoSafetensors, HeaderPaddingToEightBytes) {
   for (int len = 1; len <= 9; ++len) {
     auto path = dir + "/p" + std::to_string(len) + ".safetensors";
     save_file(path, {{std::string(len, 'k'), torch::ones({1})}});
-    auto bytes = read_all(path);
+    auto bytes = slurp(path);
     uint64_t n;
     std::memcpy(&n, bytes.data(), 8);
     EXPECT_EQ(n % 8, 0u) << len;
@@ -244,14 +237,14 @@ TEST(IoSafetensors, WriterStreamsInDeclarationOrder) {
   EXPECT_EQ(f.info("a").begin, 4u);
   EXPECT_EQ(f.metadata().at("k"), "v");
   EXPECT_TRUE(torch::equal(f.tensor("a"), torch::tensor({{7, 8}}, torch::kInt32)));
-  EXPECT_EQ(files_in(dir), 1u);
+  EXPECT_EQ(test::listing(dir).size(), 1u);
 }
 
 TEST(IoSafetensors, WriterIsAtomic) {
   auto dir = lycoris::test::temp_dir("io-atomic");
   auto path = dir + "/model.safetensors";
   save_file(path, {{"old", torch::ones({4})}});
-  const auto before = read_all(path);
+  const auto before = slurp(path);
   // An exception in the middle of writing: destination untouched, temporary removed. The temporary has
   // no name at all (O_TMPFILE) or, where that is unavailable, a name in the same directory.
   for (bool named : {false, true}) {
@@ -259,21 +252,21 @@ TEST(IoSafetensors, WriterIsAtomic) {
     try {
       SafetensorsWriter w(path, {{"a", DType::F32, {1000}}, {"b", DType::F32, {1000}}});
       w.write("a", torch::zeros({1000}));
-      EXPECT_EQ(files_in(dir), named ? 2u : 1u);
+      EXPECT_EQ(test::listing(dir).size(), named ? 2u : 1u);
       throw std::runtime_error("simulated failure");
     } catch (const std::runtime_error&) {
     }
     unsetenv("LYCORIS_NO_TMPFILE");
-    EXPECT_EQ(read_all(path), before);
-    EXPECT_EQ(files_in(dir), 1u);
+    EXPECT_EQ(slurp(path), before);
+    EXPECT_EQ(test::listing(dir).size(), 1u);
   }
   // A writer never committed (nothing written at all) also leaves no trace.
   { SafetensorsWriter w(dir + "/new.safetensors", {{"a", DType::F32, {1}}}); }
   EXPECT_FALSE(fs::exists(dir + "/new.safetensors"));
-  EXPECT_EQ(files_in(dir), 1u);
+  EXPECT_EQ(test::listing(dir).size(), 1u);
   // save_file failing on an undefined tensor: destination untouched.
   EXPECT_THROW(save_file(path, {{"x", torch::ones({2})}, {"y", torch::Tensor()}}), ShapeError);
-  EXPECT_EQ(read_all(path), before);
+  EXPECT_EQ(slurp(path), before);
   // Writing into a missing directory: IOError naming the file.
   try {
     save_file(dir + "/missing/x.safetensors", {{"x", torch::ones({1})}});
@@ -285,7 +278,7 @@ TEST(IoSafetensors, WriterIsAtomic) {
   save_file(path, {{"new", torch::zeros({2})}});
   EXPECT_TRUE(SafetensorsFile::open(path).contains("new"));
   EXPECT_FALSE(SafetensorsFile::open(path).contains("old"));
-  EXPECT_EQ(files_in(dir), 1u);
+  EXPECT_EQ(test::listing(dir).size(), 1u);
 }
 
 TEST(IoSafetensors, WriterDiskErrorLeavesNoTrace) {
@@ -293,7 +286,7 @@ TEST(IoSafetensors, WriterDiskErrorLeavesNoTrace) {
   auto dir = lycoris::test::temp_dir("io-efbig");
   auto path = dir + "/model.safetensors";
   save_file(path, {{"old", torch::ones({4})}});
-  const auto before = read_all(path);
+  const auto before = slurp(path);
   auto limit = std::make_unique<lycoris::test::FileSizeLimit>(64 * 1024);
   ASSERT_TRUE(limit->ok());
   std::string message;
@@ -304,8 +297,8 @@ TEST(IoSafetensors, WriterDiskErrorLeavesNoTrace) {
   }
   limit.reset();
   EXPECT_NE(message.find(path + ": write failed"), std::string::npos) << message;
-  EXPECT_EQ(read_all(path), before);
-  EXPECT_EQ(files_in(dir), 1u);
+  EXPECT_EQ(slurp(path), before);
+  EXPECT_EQ(test::listing(dir).size(), 1u);
 }
 
 // Files of 64 MiB and more go through the O_DIRECT staging path (aligned buffers, background pwrite,
@@ -335,7 +328,7 @@ TEST(IoSafetensors, WriterLargeFileByteExact) {
     }
     EXPECT_EQ(f.file_size(), f.header().data_start + data) << dir;
     EXPECT_EQ(fs::file_size(path), f.file_size()) << dir;
-    EXPECT_EQ(files_in(dir), 1u) << dir;
+    EXPECT_EQ(test::listing(dir).size(), 1u) << dir;
   }
   if (dirs.size() > 1) fs::remove_all(dirs[1]);
 }
@@ -355,7 +348,7 @@ TEST(IoSafetensors, WriterLargeFileDiskErrorLeavesNoTrace) {
   limit.reset();
   EXPECT_NE(message.find(path + ": "), std::string::npos) << message;
   EXPECT_FALSE(fs::exists(path));
-  EXPECT_EQ(files_in(dir), 0u);
+  EXPECT_EQ(test::listing(dir).size(), 0u);
 }
 
 TEST(IoSafetensors, WriterRejectsBadDeclarations) {
@@ -366,7 +359,7 @@ TEST(IoSafetensors, WriterRejectsBadDeclarations) {
   EXPECT_THROW(SafetensorsWriter(dir + "/a.safetensors", {{"a", DType::F32, {-1}}}), ShapeError);
   EXPECT_THROW(SafetensorsWriter(dir + "/a.safetensors", {{"a", DType::F64, {1LL << 62}}}), ShapeError);
   EXPECT_THROW(from_torch(torch::kComplexFloat), FormatError);
-  EXPECT_EQ(files_in(dir), 0u);
+  EXPECT_EQ(test::listing(dir).size(), 0u);
 }
 
 TEST(IoSafetensors, OpenErrors) {

@@ -1,7 +1,5 @@
 // `lycoris info`: on every golden adapter, every module gets the algorithm the reference created it with
 // (manifest lycoris_class); malformed files give a non-zero exit and one stderr line naming the file.
-#include <sys/wait.h>
-
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -15,28 +13,22 @@ namespace info_test {
 using nlohmann::json;
 using namespace lycoris;
 
+using lycoris::test::run_cli;
+
 namespace {
-
-struct Run {
-  int code;
-  std::string out, err;
-};
-
-std::string slurp(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
-
-Run run_cli(const std::string& args) {
-  static const std::string dir = test::temp_dir("info");
-  const std::string out = dir + "/out", err = dir + "/err";
-  int status = std::system((std::string("'") + LYCORIS_CLI + "' " + args + " >'" + out + "' 2>'" + err + "'").c_str());
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(out), slurp(err)};
-}
 
 json manifest() {
   std::ifstream in(test::data_path("golden/manifest.json"));
   return json::parse(in);
+}
+
+// `info` followed by every golden adapter, in manifest order (all files in one call: one torch program start
+// instead of 30).
+std::vector<std::string> info_of_every_golden_adapter(const json& man) {
+  std::vector<std::string> args{"info"};
+  for (const auto& c : man["cases"])
+    args.push_back(test::data_path("golden/" + c["name"].get<std::string>() + "/adapter.safetensors"));
+  return args;
 }
 
 // Reference module class → the algorithm `info` must detect (DyLoRA files are plain LoRA files).
@@ -54,11 +46,10 @@ std::string algo_of(const std::string& cls) {
 TEST(Info, GoldenAdaptersJson) {
   const json man = manifest();
   ASSERT_EQ(man["cases"].size(), 30u);
-  // all files in one call (one torch program start instead of 30): a JSON array in argument order
-  std::string args;
-  for (const auto& c : man["cases"])
-    args += " '" + test::data_path("golden/" + c["name"].get<std::string>() + "/adapter.safetensors") + "'";
-  auto r = run_cli("info" + args + " --json");
+  // all files in one call: a JSON array in argument order
+  auto args = info_of_every_golden_adapter(man);
+  args.push_back("--json");
+  auto r = run_cli(args);
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_EQ(r.err, "");
   const auto all = json::parse(r.out);
@@ -111,10 +102,7 @@ TEST(Info, GoldenAdaptersText) {
   const json man = manifest();
   ASSERT_EQ(man["cases"].size(), 30u);
   // all files in one call: one section per file, each starting with the file's path
-  std::string args;
-  for (const auto& c : man["cases"])
-    args += " '" + test::data_path("golden/" + c["name"].get<std::string>() + "/adapter.safetensors") + "'";
-  auto r = run_cli("info" + args);
+  auto r = run_cli(info_of_every_golden_adapter(man));
   ASSERT_EQ(r.code, 0) << r.err;
   std::map<std::string, std::map<std::string, std::string>> sections;  // file → module → its table line
   {
@@ -147,7 +135,7 @@ TEST(Info, GoldenAdaptersText) {
 }
 
 TEST(Info, PlainModelFileHasNoModules) {
-  auto r = run_cli("info '" + test::data_path("golden/lora/base.safetensors") + "' --json");
+  auto r = run_cli({"info", test::data_path("golden/lora/base.safetensors"), "--json"});
   ASSERT_EQ(r.code, 0) << r.err;
   auto j = json::parse(r.out);
   EXPECT_FALSE(j.contains("modules"));
@@ -162,7 +150,7 @@ TEST(Info, UnknownModulesListed) {
                                              {"lycoris_a.alpha", torch::tensor(1.0)},
                                              {"lycoris_b.something", torch::zeros({3})},
                                              {"nodot", torch::zeros({1})}});
-  auto r = run_cli("info '" + dir + "/mixed.safetensors' --json");
+  auto r = run_cli({"info", dir + "/mixed.safetensors", "--json"});
   ASSERT_EQ(r.code, 0) << r.err;
   auto j = json::parse(r.out);
   ASSERT_EQ(j["modules"].size(), 2u);
@@ -177,19 +165,20 @@ TEST(Info, UnknownModulesListed) {
 
 TEST(Info, MalformedFilesOneStderrLine) {
   std::ifstream in(test::data_path("malformed/expected.tsv"));
-  std::string line, args;
+  std::string line;
+  std::vector<std::string> args{"info"};
   std::vector<std::pair<std::string, std::string>> cases;  // path, expected message
   while (std::getline(in, line)) {
     auto tab = line.find('\t');
     const std::string file = line.substr(0, tab), expected = line.substr(tab + 1);
     if (expected == "OK" || file == "bool_bad_byte.safetensors") continue;  // data-level: info never reads it
     cases.emplace_back(test::data_path("malformed/" + file), expected);
-    args += " '" + cases.back().first + "'";
+    args.push_back(cases.back().first);
   }
   ASSERT_GE(cases.size(), 25u);
   // One file: non-zero exit, nothing on stdout, exactly one stderr line naming the file and the reason.
   for (size_t i : {size_t(0), cases.size() / 2, cases.size() - 1}) {
-    auto r = run_cli("info '" + cases[i].first + "'");
+    auto r = run_cli({"info", cases[i].first});
     EXPECT_NE(r.code, 0) << cases[i].first;
     EXPECT_EQ(r.out, "") << cases[i].first;
     ASSERT_FALSE(r.err.empty()) << cases[i].first;
@@ -198,7 +187,7 @@ TEST(Info, MalformedFilesOneStderrLine) {
     EXPECT_NE(r.err.find(cases[i].second), std::string::npos) << r.err;
   }
   // Every file in one call: each gets its own line, in order, with its own reason; exit 1.
-  auto r = run_cli("info" + args);
+  auto r = run_cli(args);
   EXPECT_EQ(r.code, 1);
   EXPECT_EQ(r.out, "");
   std::istringstream err(r.err);
@@ -208,7 +197,7 @@ TEST(Info, MalformedFilesOneStderrLine) {
     EXPECT_NE(line.find(expected), std::string::npos) << line;
   }
   EXPECT_FALSE(std::getline(err, line)) << "extra line: " << line;
-  r = run_cli("info /nonexistent/x.safetensors");
+  r = run_cli({"info", "/nonexistent/x.safetensors"});
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.err.find("/nonexistent/x.safetensors"), std::string::npos);
   EXPECT_EQ(r.err.find('\n'), r.err.size() - 1);
@@ -217,7 +206,7 @@ TEST(Info, MalformedFilesOneStderrLine) {
 // A bad file among good ones: the good ones are still described, the bad one gets its line, exit 1.
 TEST(Info, MixedGoodAndBadFiles) {
   const std::string good = test::data_path("golden/lora/adapter.safetensors");
-  auto r = run_cli("info '" + good + "' /nonexistent/x.safetensors '" + good + "' --json");
+  auto r = run_cli({"info", good, "/nonexistent/x.safetensors", good, "--json"});
   EXPECT_EQ(r.code, 1);
   EXPECT_EQ(r.err.find('\n'), r.err.size() - 1) << r.err;
   EXPECT_NE(r.err.find("/nonexistent/x.safetensors"), std::string::npos) << r.err;

@@ -1,11 +1,8 @@
 // `lycoris resize`: resizing a golden adapter to its full rank reproduces the golden merged checkpoint
 // (LoRA, Tucker, DoRA, DyLoRA conv); a smaller rank gives the Eckart–Young error of the golden ΔW; the rank
 // rules; non-LoRA modules are copied; clear errors and non-zero CLI exits.
-#include <sys/wait.h>
-
 #include <algorithm>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <tuple>
 
@@ -19,15 +16,8 @@ namespace resize_test {
 
 using namespace lycoris;
 using namespace lycoris::tools;
-
-int cli_code(const std::string& args, std::string* err_out = nullptr) {
-  static const std::string dir = test::temp_dir("resize_cli");
-  const std::string err = dir + "/err";
-  int status = std::system((std::string("'") + LYCORIS_CLI + "' " + args + " >/dev/null 2>'" + err + "'").c_str());
-  std::ifstream in(err);
-  if (err_out) *err_out = std::string(std::istreambuf_iterator<char>(in), {});
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
+using lycoris::test::run_cli;
+using lycoris::test::with_words;
 
 std::string golden(const std::string& c, const std::string& f) { return test::data_path("golden/" + c + "/" + f); }
 
@@ -169,37 +159,31 @@ TEST(ResizeErrors, BadInputsAndCli) {
                 {{"m.lora_up.weight", torch::ones({4, 2})}, {"m.lora_down.weight", torch::ones({3, 5})}});
   EXPECT_THROW(resize(dir + "/shape.safetensors", out, dim(1)), ShapeError);
   EXPECT_FALSE(std::filesystem::exists(out));
-  std::string err;
-  EXPECT_EQ(cli_code("resize '" + in + "' -o '" + out + "' --dim 0", &err), 2);  // a usage error
-  EXPECT_EQ(err.rfind("lycoris: error: ", 0), 0u) << err;
-  EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
-  EXPECT_EQ(cli_code("resize '" + dir + "/bad.safetensors' -o '" + out + "' --dim 1"), 1);
-  EXPECT_EQ(cli_code("resize '" + in + "' -o '" + out + "' --ratio 1.5"), 2);
-  EXPECT_NE(cli_code("resize '" + in + "' -o '" + out + "' --dim 2 --ratio 0.5"), 0);
-  EXPECT_EQ(cli_code("resize '" + in + "' -o '" + out + "'"), 2);
+  const auto r = run_cli({"resize", in, "-o", out, "--dim", "0"});
+  EXPECT_EQ(r.code, 2);  // a usage error
+  EXPECT_EQ(r.err.rfind("lycoris: error: ", 0), 0u) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  EXPECT_EQ(run_cli({"resize", dir + "/bad.safetensors", "-o", out, "--dim", "1"}).code, 1);
+  EXPECT_EQ(run_cli({"resize", in, "-o", out, "--ratio", "1.5"}).code, 2);
+  EXPECT_NE(run_cli({"resize", in, "-o", out, "--dim", "2", "--ratio", "0.5"}).code, 0);
+  EXPECT_EQ(run_cli({"resize", in, "-o", out}).code, 2);
   EXPECT_FALSE(std::filesystem::exists(out));
-  EXPECT_EQ(cli_code("resize '" + in + "' -o '" + out + "' --dim 2"), 0);
+  EXPECT_EQ(run_cli({"resize", in, "-o", out, "--dim", "2"}).code, 0);
   EXPECT_TRUE(std::filesystem::exists(out));
 }
 
 // ---------------------------------------------------------------- non-finite values, torch errors, bad inputs
 
-// Files in `dir` (an output directory: nothing may be left in it after a failed run).
-size_t files_in(const std::string& dir) {
-  return static_cast<size_t>(
-      std::distance(std::filesystem::directory_iterator(dir), std::filesystem::directory_iterator()));
-}
-
 // `resize IN -o OUT_DIR/o.safetensors ARGS` must fail with exit 1 and one stderr line holding every one of
 // `expected`, leaving OUT_DIR empty.
 void expect_one_line_error(const std::string& in, const std::string& args, const std::vector<std::string>& expected) {
   const std::string out_dir = test::temp_dir("resize_fail_out");
-  std::string err;
-  EXPECT_EQ(cli_code("resize '" + in + "' -o '" + out_dir + "/o.safetensors' " + args, &err), 1) << in;
-  EXPECT_EQ(err.rfind("lycoris: error: ", 0), 0u) << err;
-  EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
-  for (const auto& e : expected) EXPECT_NE(err.find(e), std::string::npos) << "'" << e << "' not in: " << err;
-  EXPECT_EQ(files_in(out_dir), 0u) << in;
+  const auto r = run_cli(with_words({"resize", in, "-o", out_dir + "/o.safetensors"}, args));
+  EXPECT_EQ(r.code, 1) << in;
+  EXPECT_EQ(r.err.rfind("lycoris: error: ", 0), 0u) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  for (const auto& e : expected) EXPECT_NE(r.err.find(e), std::string::npos) << "'" << e << "' not in: " << r.err;
+  EXPECT_EQ(test::listing(out_dir).size(), 0u) << in;  // nothing left in the output directory
 }
 
 TEST(ResizeNonFinite, NaNOrInfInputIsAOneLineErrorNamingFileModuleAndKey) {
@@ -242,8 +226,8 @@ TEST(ResizeNonFinite, FactorsNearTheF32LimitGiveFiniteExactFactors) {
   auto up = torch::randn({8, 2}).sign() * 3e38, down = torch::randn({2, 6});
   io::save_file(dir + "/in.safetensors",
                 {{"m.lora_up.weight", up}, {"m.lora_down.weight", down}, {"m.alpha", torch::tensor(2.0f)}});
-  std::string err;
-  ASSERT_EQ(cli_code("resize '" + dir + "/in.safetensors' -o '" + dir + "/o.safetensors' --dim 2", &err), 0) << err;
+  const auto r = run_cli({"resize", dir + "/in.safetensors", "-o", dir + "/o.safetensors", "--dim", "2"});
+  ASSERT_EQ(r.code, 0) << r.err;
   auto f = io::SafetensorsFile::open(dir + "/o.safetensors");
   auto u = f.tensor("m.lora_up.weight"), d = f.tensor("m.lora_down.weight");
   EXPECT_EQ(u.scalar_type(), torch::kFloat32);
@@ -282,14 +266,13 @@ TEST(ResizeErrors, TorchErrorsAreOneLineNamingFileAndModule) {
     EXPECT_EQ(what.rfind(in + ": m: ", 0), 0u) << what;
     EXPECT_EQ(what.find('\n'), std::string::npos) << what;
   }
-  EXPECT_EQ(files_in(dir), 1u);
+  EXPECT_EQ(test::listing(dir).size(), 1u);
   // the CLI refuses such a device before any work
-  std::string err;
-  const int code = cli_code("resize '" + in + "' -o '" + dir + "/o.safetensors' --dim 1 --device cuda", &err);
-  EXPECT_TRUE(code == 1 || code == 2) << code;
-  EXPECT_EQ(err.rfind("lycoris: error: --device: 'cuda'", 0), 0u) << err;
-  EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
-  EXPECT_EQ(files_in(dir), 1u);
+  const auto r = run_cli({"resize", in, "-o", dir + "/o.safetensors", "--dim", "1", "--device", "cuda"});
+  EXPECT_TRUE(r.code == 1 || r.code == 2) << r.code;
+  EXPECT_EQ(r.err.rfind("lycoris: error: --device: 'cuda'", 0), 0u) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  EXPECT_EQ(test::listing(dir).size(), 1u);
 }
 
 TEST(ResizeErrors, HostileModulesAreOneLineErrorsNamingFileModuleAndKey) {
@@ -328,9 +311,8 @@ TEST(ResizeErrors, DegenerateButValidModules) {
   // rank 8 above both dims (3 × 2): ΔW has rank 2, resized to 1 like any other module
   auto up = torch::randn({3, 8}), down = torch::randn({8, 2});
   io::save_file(dir + "/big_rank.safetensors", {{"m.lora_up.weight", up}, {"m.lora_down.weight", down}});
-  std::string err;
-  ASSERT_EQ(cli_code("resize '" + dir + "/big_rank.safetensors' -o '" + dir + "/o.safetensors' --dim 1", &err), 0)
-      << err;
+  const auto r = run_cli({"resize", dir + "/big_rank.safetensors", "-o", dir + "/o.safetensors", "--dim", "1"});
+  ASSERT_EQ(r.code, 0) << r.err;
   auto f = io::SafetensorsFile::open(dir + "/o.safetensors");
   EXPECT_EQ(f.tensor("m.lora_down.weight").sizes(), torch::IntArrayRef({1, 2}));
   // empty factors (rank 0, no outputs, no inputs, an empty kernel): the loader refuses such modules, and
@@ -343,9 +325,10 @@ TEST(ResizeErrors, DegenerateButValidModules) {
     SCOPED_TRACE(name);
     const std::string in = dir + "/" + name + ".safetensors", out = dir + "/" + name + "_o.safetensors";
     io::save_file(in, {{"m.lora_up.weight", u}, {"m.lora_down.weight", d}, {"m.alpha", torch::tensor(1.0f)}});
-    EXPECT_EQ(cli_code("resize '" + in + "' -o '" + out + "' --dim 1", &err), 1) << err;
-    EXPECT_EQ(err.rfind("lycoris: error: " + in + ": m", 0), 0u) << err;
-    EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+    const auto e = run_cli({"resize", in, "-o", out, "--dim", "1"});
+    EXPECT_EQ(e.code, 1) << e.err;
+    EXPECT_EQ(e.err.rfind("lycoris: error: " + in + ": m", 0), 0u) << e.err;
+    EXPECT_EQ(std::count(e.err.begin(), e.err.end(), '\n'), 1) << e.err;
     EXPECT_FALSE(std::filesystem::exists(out));
   }
 }
@@ -360,11 +343,10 @@ TEST(ResizeErrors, BadOptionsAreOneLineOptionErrors) {
            {"--dim -3", "--dim: -3 is not valid"},
            {"--dim 1 --threads -1", "--threads: must be ≥ 0"},
            {"--dim 1 --device nope", "--device: 'nope'"}}) {
-    std::string err;
-    const int code = cli_code("resize '" + in + "' -o '" + out + "' " + args, &err);
-    EXPECT_TRUE(code == 1 || code == 2) << args << ": " << code;
-    EXPECT_EQ(err.find("lycoris: error: " + expected), 0u) << args << ": " << err;
-    EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+    const auto r = run_cli(with_words({"resize", in, "-o", out}, args));
+    EXPECT_TRUE(r.code == 1 || r.code == 2) << args << ": " << r.code;
+    EXPECT_EQ(r.err.find("lycoris: error: " + expected), 0u) << args << ": " << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
   }
   EXPECT_THROW(resize(in, out, [] { auto o = dim(1); o.threads = -1; return o; }()), OptionError);
   EXPECT_FALSE(std::filesystem::exists(out));
@@ -381,12 +363,12 @@ TEST(ResizeErrors, UnwritableOutputFailsBeforeReadingTheInput) {
     } catch (const IOError& e) {
       EXPECT_EQ(std::string(e.what()).rfind(out + ": cannot write here: ", 0), 0u) << e.what();
     }
-    std::string err;
-    EXPECT_EQ(cli_code("resize '" + golden("lora", "adapter.safetensors") + "' -o '" + out + "' --dim 1", &err), 1);
-    EXPECT_EQ(err.rfind("lycoris: error: " + out + ": cannot write here: ", 0), 0u) << err;
-    EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+    const auto r = run_cli({"resize", golden("lora", "adapter.safetensors"), "-o", out, "--dim", "1"});
+    EXPECT_EQ(r.code, 1);
+    EXPECT_EQ(r.err.rfind("lycoris: error: " + out + ": cannot write here: ", 0), 0u) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
   }
-  EXPECT_EQ(files_in(dir), 0u);
+  EXPECT_EQ(test::listing(dir).size(), 0u);
 }
 
 }  // namespace resize_test

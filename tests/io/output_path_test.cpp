@@ -25,10 +25,6 @@ std::string output_path_error(const std::string& path) {
   }
 }
 
-size_t entries(const std::string& dir) {
-  return static_cast<size_t>(std::distance(fs::directory_iterator(dir), fs::directory_iterator()));
-}
-
 TEST(OutputPath, UnwritablePlacesAreRefusedWithPathAndReason) {
   const std::string dir = test::temp_dir("output_path");
   auto expect = [](const std::string& path, const std::string& reason) {
@@ -50,25 +46,25 @@ TEST(OutputPath, UnwritablePlacesAreRefusedWithPathAndReason) {
   if (geteuid() == 0) ro = "/sys";
   if (fs::is_directory(ro)) expect(ro + "/x.safetensors", "cannot create temporary file");
   chmod((dir + "/ro").c_str(), 0755);
-  EXPECT_EQ(entries(dir), 2u);  // file, ro: the checks created nothing
+  EXPECT_EQ(test::listing(dir).size(), 2u);  // file, ro: the checks created nothing
 }
 
 TEST(OutputPath, WritablePlacesPassAndLeaveNothingBehind) {
   const std::string dir = test::temp_dir("output_path_ok");
   EXPECT_EQ(output_path_error(dir + "/new.safetensors"), "");
-  EXPECT_EQ(entries(dir), 0u);
+  EXPECT_EQ(test::listing(dir).size(), 0u);
   // an existing output (to be replaced by the write) is left as it is
   std::ofstream(dir + "/old.safetensors") << "old";
   EXPECT_EQ(output_path_error(dir + "/old.safetensors"), "");
   std::ifstream in(dir + "/old.safetensors");
   EXPECT_EQ(std::string(std::istreambuf_iterator<char>(in), {}), "old");
-  EXPECT_EQ(entries(dir), 1u);
+  EXPECT_EQ(test::listing(dir).size(), 1u);
   // a bare file name: the current directory
   const auto cwd = fs::current_path();
   fs::current_path(dir);
   EXPECT_EQ(output_path_error("bare.safetensors"), "");
   fs::current_path(cwd);
-  EXPECT_EQ(entries(dir), 1u);
+  EXPECT_EQ(test::listing(dir).size(), 1u);
 }
 
 }  // namespace output_path_test
