@@ -7,7 +7,7 @@
 #include "lycoris/functional/boft.hpp"
 #include "lycoris/functional/common.hpp"
 #include "lycoris/functional/diag_oft.hpp"
-#include "lycoris/modules/common.hpp"
+#include "modules/common.hpp"
 #include "lycoris/modules/diag_oft.hpp"
 
 namespace lycoris {

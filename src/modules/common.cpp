@@ -1,4 +1,4 @@
-#include "lycoris/modules/common.hpp"
+#include "modules/common.hpp"
 
 #include <c10/util/Exception.h>
 #include <torch/torch.h>

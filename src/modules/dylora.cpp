@@ -4,7 +4,7 @@
 
 #include "lycoris/error.hpp"
 #include "lycoris/functional/common.hpp"
-#include "lycoris/modules/common.hpp"
+#include "modules/common.hpp"
 
 namespace lycoris {
 

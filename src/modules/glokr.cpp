@@ -5,7 +5,7 @@
 #include "lycoris/error.hpp"
 #include "lycoris/functional/common.hpp"
 #include "lycoris/functional/dora.hpp"
-#include "lycoris/modules/common.hpp"
+#include "modules/common.hpp"
 #include "lycoris/modules/lokr.hpp"
 
 namespace lycoris {

@@ -7,7 +7,7 @@
 #include "lycoris/algorithms.hpp"
 #include "lycoris/error.hpp"
 #include "lycoris/functional/common.hpp"
-#include "lycoris/modules/common.hpp"
+#include "modules/common.hpp"
 #include "lycoris/modules/lora.hpp"
 
 namespace lycoris {

@@ -6,7 +6,7 @@
 #include "lycoris/error.hpp"
 #include "lycoris/functional/common.hpp"
 #include "lycoris/functional/ia3.hpp"
-#include "lycoris/modules/common.hpp"
+#include "modules/common.hpp"
 
 namespace lycoris {
 

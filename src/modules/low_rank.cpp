@@ -8,7 +8,7 @@
 
 #include "lycoris/functional/common.hpp"
 #include "lycoris/functional/dora.hpp"
-#include "lycoris/modules/common.hpp"
+#include "modules/common.hpp"
 
 namespace lycoris {
 

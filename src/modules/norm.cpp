@@ -7,7 +7,7 @@
 #include "lycoris/functional/common.hpp"
 #include "lycoris/functional/full.hpp"
 #include "lycoris/functional/norm.hpp"
-#include "lycoris/modules/common.hpp"
+#include "modules/common.hpp"
 
 namespace lycoris {
 

@@ -7,7 +7,7 @@
 #include "lycoris/error.hpp"
 #include "lycoris/functional/common.hpp"
 #include "lycoris/functional/diag_oft.hpp"
-#include "lycoris/modules/common.hpp"
+#include "modules/common.hpp"
 
 namespace lycoris {
 

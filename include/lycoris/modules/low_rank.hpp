@@ -72,7 +72,7 @@ class LowRankAdapter : public AdapterImpl {
   bool dora_ready_ = true;
 };
 
-// check_options (modules/common.hpp) for Linear/Conv hosts with a rank: OptionError "<algo> on <layer>: <reason>"
+// The option checks every adapter shares, for Linear/Conv hosts with a rank: OptionError "<algo> on <layer>: <reason>"
 // for an unsupported layer (not Linear/Conv, grouped conv), rank < 1 or a dropout probability outside [0, 1].
 void check_low_rank_options(const LayerSpec& layer, const AdapterOptions& options, const std::string& algo);
 // The alpha stored in files for these options (docs/format.md#alpha): α = options.alpha (0 → rank), times
