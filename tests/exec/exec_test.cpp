@@ -2,8 +2,10 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "exec/bounded_queue.hpp"
@@ -56,6 +58,9 @@ TEST(ExecOrderedMap, ResultsInOrderErrorsAtTheirIndex) {
     exec::OrderedMap<int> failing(100, 2, [&](size_t i, int) {
       ++started;
       if (i == 5) throw std::invalid_argument("layer 5");
+      // later tasks take a while: instant ones could all run on the other worker before the failure reached
+      // the pool's cancel (a race that failed about every other run of this test alone)
+      if (i > 5) std::this_thread::sleep_for(std::chrono::milliseconds(1));
       return static_cast<int>(i);
     });
     for (size_t i = 0; i < 5; ++i) EXPECT_EQ(failing.take(i), static_cast<int>(i));
