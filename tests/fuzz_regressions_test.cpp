@@ -7,6 +7,7 @@
 #include "lycoris/error.hpp"
 #include "lycoris/tools/merge.hpp"
 #include "test_util.hpp"
+#include "tools/merge/merge_tensor.hpp"
 
 namespace fuzz_regressions_test {
 
