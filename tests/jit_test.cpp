@@ -243,11 +243,20 @@ TEST(JitHost, SettingsComeFromConstantsOrTheTracedOpAndUnsupportedOnesHaveReason
 
 // ---------------------------------------------------------------- networks on TorchScript modules
 
+const std::vector<std::string> kAlgorithms = {"lora",   "loha",  "lokr",  "full",     "ia3",
+                                              "dylora", "glora", "glokr", "diag-oft", "boft"};
+
 lycoris::NetworkOptions options(const std::string& algo) {
   auto module = lycoris::AdapterOptions().algo(algo);
   if (algo == "lokr" || algo == "glokr") module.factor(4);
   if (algo == "dylora") module.block_size(2);
-  return lycoris::NetworkOptions().conv_dim(2).conv_alpha(1.0).train_norm(true).module(module);
+  auto opts = lycoris::NetworkOptions().conv_dim(2).conv_alpha(1.0).train_norm(true).module(module);
+  if (algo == "boft") {  // no butterfly layout for the 10 outputs of the head
+    lycoris::Preset preset;
+    preset.exclude_name = {"head"};
+    opts.preset(preset);
+  }
+  return opts;
 }
 
 TEST(JitNetwork, TheSameModelGivesTheSameModulesAndTheSameFile) {
@@ -286,7 +295,7 @@ TEST(JitNetwork, TrainingEqualsTrainingTheTorchNnModel) {
   const auto x = reference("input");
   const auto target = torch::randn({2, 10}, torch::TensorOptions().dtype(torch::kFloat));
   for (const char* form : kForms)
-    for (const std::string algo : {"lora", "loha", "lokr", "dylora", "glora", "full", "diag-oft"}) {
+    for (const std::string& algo : kAlgorithms) {
       SCOPED_TRACE(std::string(form) + " " + algo);
       auto m = fixture(form);
       auto nn = nn_copy(m);
@@ -335,15 +344,9 @@ TEST(JitNetwork, EveryAlgorithmAppliesAsOnTheTorchNnModelAndRestoresBitExactly) 
   auto nn = nn_copy(m);
   const auto before = parameter_objects(m);
   const auto values = parameter_values(m);
-  for (const std::string algo :
-       {"lora", "loha", "lokr", "full", "ia3", "dylora", "glora", "glokr", "diag-oft", "boft"}) {
+  for (const std::string& algo : kAlgorithms) {
     SCOPED_TRACE(algo);
-    auto opts = options(algo);
-    if (algo == "boft") {  // no butterfly layout for the 10 outputs of the head
-      auto preset = lycoris::Preset();
-      preset.exclude_name = {"head"};
-      opts.preset(preset);
-    }
+    const auto opts = options(algo);
     torch::manual_seed(21);
     auto a = lycoris::create_lycoris(nn, 1.0, 4, 2.0, opts);
     auto b = lycoris::create_lycoris(m, 1.0, 4, 2.0, opts);
