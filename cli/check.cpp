@@ -18,7 +18,7 @@ void register_check(CLI::App& app) {
   auto args = std::make_shared<Args>();
   auto* cmd = app.add_subcommand("check", "does an adapter fit a base checkpoint? (names, shapes, NaN/Inf, loader quirks)");
   cmd->add_option("adapter", args->adapter, "adapter file (.safetensors; lycoris, kohya or peft naming)")->required();
-  cmd->add_option("--base", args->base, "base checkpoint (.safetensors)")->required();
+  cmd->add_option("--base", args->base, "base checkpoint (.safetensors) or TorchScript model (.pt)")->required();
   cmd->add_option("--base-format", args->base_format, "layout of --base: auto|diffusers|ldm")->capture_default_str();
   cmd->add_flag("--json", args->json, "JSON report on stdout");
   cmd->callback([args] {

@@ -1,6 +1,7 @@
 // `lycoris info FILE [--json]`: tensors, metadata and totals of a safetensors file; for adapter files
 // also the modules (keys grouped by the text before the first '.'), each module's algorithm detected
 // from its key suffixes (docs/format.md#detection), rank and alpha, and a per-algorithm count.
+// TorchScript archives (.pt): cli/info_archive.cpp.
 #include <cmath>
 #include <iomanip>
 #include <iostream>
@@ -9,11 +10,13 @@
 
 #include "commands.hpp"
 #include "common.hpp"
+#include "info_archive.hpp"
 #include "lycoris/adapter_file.hpp"
 #include "lycoris/algorithms.hpp"
 #include "lycoris/error.hpp"
 #include "lycoris/functional/common.hpp"
 #include "lycoris/io/safetensors.hpp"
+#include "lycoris/jit.hpp"
 #include "lycoris/text.hpp"
 
 namespace lycoris::cli {
@@ -57,6 +60,7 @@ std::string alpha_text(double v) {
 // One file: its JSON object appended to `objects`, or its text section written to `os`.
 void run_info(const std::string& path, bool as_json, std::vector<nlohmann::ordered_json>& objects,
               std::ostream& os) {
+  if (torchscript::is_archive(path)) return describe_archive(path, as_json, objects, os);
   const auto file = io::SafetensorsFile::open(path);
   uint64_t params = 0, bytes = 0;
   for (const auto& t : file.tensors()) {
@@ -154,10 +158,10 @@ void run_info_all(const std::vector<std::string>& paths, bool as_json) {
 }  // namespace
 
 void register_info(CLI::App& app) {
-  auto* cmd = app.add_subcommand("info", "Show the tensors, metadata and adapter modules of .safetensors files");
+  auto* cmd = app.add_subcommand("info", "Show the tensors, metadata and adapter modules of .safetensors files (the layers of .pt TorchScript models)");
   auto paths = std::make_shared<std::vector<std::string>>();
   auto json = std::make_shared<bool>(false);
-  cmd->add_option("FILE", *paths, "safetensors file(s)")->required();
+  cmd->add_option("FILE", *paths, "safetensors file(s) or TorchScript archives (.pt)")->required();
   cmd->add_flag("--json", *json, "machine-readable output (an array of objects for several files)");
   cmd->callback([paths, json] { run_info_all(*paths, *json); });
 }

@@ -1,5 +1,6 @@
 // `lycoris merge BASE ADAPTER... --output OUT [--weight W]... [--dtype keep|fp32|fp16|bf16] [--device D]
 //                 [--allow-unmatched] [--base-format auto|diffusers|ldm] [--threads N] [--progress]`
+// BASE may be a TorchScript archive (model.pt): lycoris::torchscript::merge_archive, OUT an archive too.
 #include <unistd.h>
 #ifdef __GLIBC__
 #include <malloc.h>
@@ -14,6 +15,7 @@
 #include "commands.hpp"
 #include "common.hpp"
 #include "lycoris/error.hpp"
+#include "lycoris/jit.hpp"
 #include "lycoris/text.hpp"
 #include "lycoris/tools/merge.hpp"
 
@@ -51,6 +53,13 @@ class ProgressBar {
   std::pair<double, uint64_t> first_{0.0, 0};
 };
 
+// "12 + 3": the modules applied per adapter, for the summary line.
+std::string per_adapter(const std::vector<size_t>& modules) {
+  std::string out;
+  for (size_t i = 0; i < modules.size(); ++i) out += (i ? " + " : "") + std::to_string(modules[i]);
+  return out;
+}
+
 }  // namespace
 
 void register_merge(CLI::App& app) {
@@ -65,7 +74,7 @@ void register_merge(CLI::App& app) {
   };
   auto args = std::make_shared<Args>();
   auto* cmd = app.add_subcommand("merge", "merge adapters into a base checkpoint (streaming, fp32 math)");
-  cmd->add_option("base", args->base, "base checkpoint (.safetensors)")->required();
+  cmd->add_option("base", args->base, "base checkpoint (.safetensors) or TorchScript model (.pt)")->required();
   cmd->add_option("adapters", args->adapters, "adapter files, applied in order")->required();
   cmd->add_option("-o,--output", args->output, "output checkpoint (written atomically)")->required();
   cmd->add_option("-w,--weight", args->weights, "multiplier per adapter, in order (default 1.0 each)");
@@ -97,6 +106,18 @@ void register_merge(CLI::App& app) {
     for (size_t i = 0; i < a.adapters.size(); ++i)
       opt.adapters.push_back({a.adapters[i], a.weights.empty() ? 1.0 : parse_weight(a.weights[i], a.force)});
     opt.dtype = parse_dtype(a.dtype, {torch::kFloat32, torch::kFloat16, torch::kBFloat16, torch::kFloat64}, /*keep=*/true);
+    if (torchscript::is_archive(a.base)) {  // a TorchScript model: merged into its parameters, saved as an archive
+      if (opt.dtype || a.base_format != "auto")
+        throw OptionError("merge: --dtype and --base-format apply to safetensors checkpoints; " + a.base +
+                          " is a TorchScript archive (its tensors keep their dtypes)");
+      at::set_num_threads(thread_count(a.threads));
+      const auto r = torchscript::merge_archive(a.base, a.output, opt.adapters, a.allow_unmatched);
+      for (const auto& w : r.warnings) warn(w);
+      if (!a.quiet)
+        std::printf("merged %zu adapter(s) (%s modules) into %s: TorchScript archive, %zu layers modified, %.2f s\n",
+                    a.adapters.size(), per_adapter(r.modules_applied).c_str(), a.output.c_str(), r.layers, r.seconds);
+      return;
+    }
     opt.device = parse_device(a.device);
     opt.allow_unmatched = a.allow_unmatched;
     opt.base_format = naming::parse_base_format(a.base_format);
@@ -107,12 +128,10 @@ void register_merge(CLI::App& app) {
     if (a.progress || isatty(STDERR_FILENO)) opt.on_progress = [&bar](const tools::MergeProgress& p) { bar.update(p); };
     auto r = tools::merge(a.base, a.output, opt);
     if (!a.quiet) {
-      std::string per;
-      for (size_t i = 0; i < r.modules_applied.size(); ++i) per += (i ? " + " : "") + std::to_string(r.modules_applied[i]);
       std::printf("merged %zu adapter(s) (%s modules) into %s: %zu tensors, %zu modified, %.2f s "
                   "(load %.2f s; busy: read %.2f s, compute %.2f s, write+commit %.2f s)\n",
-                  a.adapters.size(), per.c_str(), a.output.c_str(), r.tensors, r.modified, r.total_seconds,
-                  r.load_seconds, r.read_seconds, r.compute_seconds, r.write_seconds);
+                  a.adapters.size(), per_adapter(r.modules_applied).c_str(), a.output.c_str(), r.tensors, r.modified,
+                  r.total_seconds, r.load_seconds, r.read_seconds, r.compute_seconds, r.write_seconds);
     }
   });
 }

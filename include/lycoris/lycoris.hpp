@@ -5,6 +5,7 @@
 #include "lycoris/algorithms.hpp"
 #include "lycoris/error.hpp"
 #include "lycoris/io/safetensors.hpp"
+#include "lycoris/jit.hpp"
 #include "lycoris/layer.hpp"
 #include "lycoris/naming.hpp"
 #include "lycoris/network.hpp"

@@ -172,7 +172,7 @@ class LycorisNetworkImpl : public torch::nn::Module {
   const NetworkOptions& options() const { return options_; }
 
   // Used by create_lycoris_from_weights: an empty network over `model` with the given modules.
-  LycorisNetworkImpl(std::shared_ptr<torch::nn::Module> model, NetworkOptions options,
+  LycorisNetworkImpl(HostModulePtr model, NetworkOptions options,
                      std::vector<NetworkModule> modules, std::vector<std::string> warnings);
 
  private:
@@ -221,6 +221,9 @@ LycorisNetwork create_lycoris_from_weights(const torch::nn::ModuleHolder<ModuleT
                                            double multiplier = 1.0, const Preset& preset = Preset()) {
   return create_lycoris_from_weights(model.ptr(), file, multiplier, preset);
 }
+// The same over any host model tree (lycoris/host_layer.hpp); the one above is this over host_module(model).
+LycorisNetwork create_lycoris_from_weights(HostModulePtr model, const std::string& file, double multiplier = 1.0,
+                                           const Preset& preset = Preset());
 
 // The LayerSpec of a torch layer (Linear, Conv1d/2d/3d incl. drop-ins, affine single-axis LayerNorm, affine
 // GroupNorm). False when the module is not such a layer; then `why` (if given) receives the reason when the

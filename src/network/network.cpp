@@ -101,9 +101,9 @@ LycorisNetworkImpl::LycorisNetworkImpl(HostModulePtr model, NetworkOptions optio
     }
 }
 
-LycorisNetworkImpl::LycorisNetworkImpl(std::shared_ptr<torch::nn::Module> model, NetworkOptions options,
+LycorisNetworkImpl::LycorisNetworkImpl(HostModulePtr model, NetworkOptions options,
                                        std::vector<NetworkModule> modules, std::vector<std::string> warnings)
-    : model_(model ? host_module(std::move(model)) : nullptr), options_(std::move(options)), warnings_(std::move(warnings)),
+    : model_(std::move(model)), options_(std::move(options)), warnings_(std::move(warnings)),
       state_(std::make_shared<State>()) {
   check_network_options(options_);
   state_->multiplier = options_.multiplier();
@@ -406,6 +406,12 @@ LycorisNetwork create_lycoris(std::shared_ptr<torch::nn::Module> model, double m
 LycorisNetwork create_lycoris_from_weights(std::shared_ptr<torch::nn::Module> model, const std::string& file,
                                            double multiplier, const Preset& preset) {
   if (!model) throw OptionError("create_lycoris_from_weights: no model");
+  return create_lycoris_from_weights(host_module(std::move(model)), file, multiplier, preset);
+}
+
+LycorisNetwork create_lycoris_from_weights(HostModulePtr model, const std::string& file, double multiplier,
+                                           const Preset& preset) {
+  if (!model) throw OptionError("create_lycoris_from_weights: no model");
   auto f = io::SafetensorsFile::open(file);
   auto groups = group_modules(f);
   // module names in order of first appearance in the file (docs/training.md#loading)
@@ -423,7 +429,7 @@ LycorisNetwork create_lycoris_from_weights(std::shared_ptr<torch::nn::Module> mo
   // The model's adaptable layers, named like checkpoint keys so that the resolver can name them.
   std::map<std::string, std::pair<HostModulePtr, HostLayerPtr>> layers;  // by path
   std::vector<std::string> keys;
-  for (const auto& [path, node] : preorder(host_module(model)))
+  for (const auto& [path, node] : preorder(model))
     if (auto view = node->layer()) {
       layers.emplace(path, std::make_pair(node, view));
       keys.push_back(path.empty() ? "weight" : path + ".weight");

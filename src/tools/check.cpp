@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -13,6 +14,7 @@
 #include "lycoris/error.hpp"
 #include "lycoris/functional/common.hpp"
 #include "lycoris/io/safetensors.hpp"
+#include "lycoris/jit.hpp"
 #include "lycoris/layer.hpp"
 #include "lycoris/text.hpp"
 #include "lycoris/tools/convert.hpp"
@@ -43,23 +45,50 @@ std::string family(const std::string& path) {
   return out;
 }
 
+// The base as check() reads it: its weight names, dtypes and shapes, and the tensors themselves; a
+// safetensors checkpoint, or the parameters of a TorchScript archive by their state-dict names.
+struct Base {
+  std::vector<std::string> keys;
+  std::map<std::string, std::pair<io::DType, std::vector<int64_t>>> info;
+  std::function<torch::Tensor(const std::string&)> tensor;
+
+  static Base open(const std::string& path) {
+    Base b;
+    if (torchscript::is_archive(path)) {
+      std::map<std::string, torch::Tensor> params;
+      for (const auto& p : torchscript::load(path).named_parameters()) {
+        b.keys.push_back(p.name);
+        b.info[p.name] = {io::from_torch(p.value.scalar_type()), p.value.sizes().vec()};
+        params[p.name] = p.value.detach();
+      }
+      b.tensor = [params](const std::string& key) { return params.at(key); };
+      return b;
+    }
+    auto file = std::make_shared<io::SafetensorsFile>(io::SafetensorsFile::open(path));
+    b.keys = file->names();
+    for (const auto& t : file->tensors()) b.info[t.name] = {t.dtype, t.shape};
+    b.tensor = [file](const std::string& key) { return file->tensor(key); };
+    return b;
+  }
+};
+
 // The module merged at weight 1 into its base layer must stay finite in the base's dtype, as a merge
 // writes it: "" when it does, else the problem ("overflow: …").
-std::string merge_overflow(const io::SafetensorsFile& base, const naming::BaseLayer& layer, AdapterImpl& adapter) {
-  const auto& info = base.info(layer.weight_key);
-  if (!io::is_floating(info.dtype) || !io::has_torch_dtype(info.dtype)) return "";
+std::string merge_overflow(const Base& base, const naming::BaseLayer& layer, AdapterImpl& adapter) {
+  const io::DType stored = base.info.at(layer.weight_key).first;
+  if (!io::is_floating(stored) || !io::has_torch_dtype(stored)) return "";
   auto W = base.tensor(layer.weight_key);
   if (layer.fused()) {
     const int64_t rows = W.size(0) / layer.parts;
     W = W.narrow(0, layer.part * rows, rows);
   }
-  const auto dtype = io::to_torch(info.dtype);
+  const auto dtype = io::to_torch(stored);
   const auto merged = adapter.apply_weight(W.to(dtype == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32), 1.0);
   if (F::finite_in(merged, dtype)) return "";
   char buf[160];
   std::snprintf(buf, sizeof buf, "overflow: merged at weight 1, %s reaches |x| = %.4g, beyond the range of %s: a merge "
                 "would write Inf (merge with a wider --dtype or a smaller weight)",
-                layer.weight_key.c_str(), merged.abs().max().item<double>(), io::dtype_name(info.dtype));
+                layer.weight_key.c_str(), merged.abs().max().item<double>(), io::dtype_name(stored));
   return buf;
 }
 
@@ -109,17 +138,17 @@ CheckReport check(const std::string& adapter_path, const std::string& base_path,
   CheckReport report;
   report.adapter = adapter_path;
   report.base = base_path;
-  const auto base = io::SafetensorsFile::open(base_path);
+  const auto base = Base::open(base_path);
   auto adapter = read_adapter(adapter_path);
   report.adapter_format = to_string(adapter.format);
   report.input_notes = adapter.notes;
   if (adapter.modules.empty()) report.file_problems.push_back(no_modules_problem(adapter.tensors));
   if (!adapter.stray_keys.empty()) report.file_problems.push_back(stray_keys_problem(adapter.stray_keys));
-  const auto keys = base.names();
+  const auto& keys = base.keys;
   const naming::Resolver names(keys, format);
   report.base_layout = naming::to_string(format == naming::BaseFormat::Auto ? naming::detect_base_format(keys) : format);
   std::map<std::string, std::vector<int64_t>> shapes;
-  for (const auto& t : base.tensors()) shapes[t.name] = t.shape;
+  for (const auto& [key, info] : base.info) shapes[key] = info.second;
 
   std::set<std::pair<std::string, std::string>> rules_used;  // (dialect, prefix)
   std::set<std::string> covered, families;                     // "<weight key>#<part>"
