@@ -35,6 +35,7 @@ HostModulePtr host_module(const torch::jit::Module& module);
 
 // docs/training.md#create-lycoris on a TorchScript module: discovery, presets and file names are those of
 // the same model in torch::nn. Layers the host view cannot adapt are skipped with a warning (warnings()).
+LycorisNetwork create_lycoris(const torch::jit::Module& model, NetworkOptions opts);
 LycorisNetwork create_lycoris(const torch::jit::Module& model, double multiplier = 1.0, int64_t linear_dim = 4,
                               double linear_alpha = 1.0, NetworkOptions opts = {});
 

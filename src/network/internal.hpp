@@ -13,6 +13,10 @@ namespace lycoris::detail {
 std::vector<NetworkModule> discover(const HostModulePtr& model, const NetworkOptions& options,
                                     std::vector<std::string>& warnings);
 
+// The reference's positional create_lycoris values set into `opts`; OptionError when `opts` sets one of
+// them (away from its default) to a different value (docs/training.md#create-lycoris).
+NetworkOptions with_positional(NetworkOptions opts, double multiplier, int64_t linear_dim, double linear_alpha);
+
 // ---- per-layer binding stack (rebuild mode), shared by every network applied to a layer
 
 // The layer a module adapts; OptionError when it has no layer view or the layer no weight.

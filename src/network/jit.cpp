@@ -11,6 +11,7 @@
 #include <set>
 #include <sstream>
 
+#include "internal.hpp"
 #include "io/atomic_file.hpp"
 #include "lycoris/adapter_file.hpp"
 #include "lycoris/error.hpp"
@@ -40,23 +41,20 @@ void refuse_rejected_targets(const HostModulePtr& host, const std::string& file,
 
 }  // namespace
 
+LycorisNetwork create_lycoris(const torch::jit::Module& model, NetworkOptions opts) {
+  return LycorisNetwork(host_module(model), std::move(opts));
+}
+
 LycorisNetwork create_lycoris(const torch::jit::Module& model, double multiplier, int64_t linear_dim,
                               double linear_alpha, NetworkOptions opts) {
-  opts.multiplier(multiplier).linear_dim(linear_dim).linear_alpha(linear_alpha);
-  return LycorisNetwork(host_module(model), std::move(opts));
+  return create_lycoris(model, detail::with_positional(std::move(opts), multiplier, linear_dim, linear_alpha));
 }
 
 LycorisNetwork create_lycoris_from_weights(const torch::jit::Module& model, const std::string& file,
                                            double multiplier, const Preset& preset) {
   const auto host = host_module(model);
   refuse_rejected_targets(host, file, preset);
-  auto net = create_lycoris_from_weights(host, file, multiplier, preset);
-  if (net->modules().empty())
-    throw KeyError(file + ": no module of the file matches a layer of the TorchScript model (" +
-                   std::to_string(net->warnings().size()) +
-                   " module(s) unmatched; file modules are named <prefix>_<layer path with . as _>, e.g. "
-                   "lycoris_block_attn_to_q)");
-  return net;
+  return create_lycoris_from_weights(host, file, multiplier, preset);  // KeyError when nothing matches
 }
 
 namespace torchscript {

@@ -386,8 +386,7 @@ LycorisNetwork create_lycoris(std::shared_ptr<torch::nn::Module> model, NetworkO
   return LycorisNetwork(std::move(model), std::move(opts));
 }
 
-LycorisNetwork create_lycoris(std::shared_ptr<torch::nn::Module> model, double multiplier, int64_t linear_dim,
-                              double linear_alpha, NetworkOptions opts) {
+NetworkOptions detail::with_positional(NetworkOptions opts, double multiplier, int64_t linear_dim, double linear_alpha) {
   // one place per value: a field set in `opts` (away from its default) must agree with the argument
   const NetworkOptions d;
   auto clash = [](const char* field, double argument, double option, double fallback) {
@@ -400,7 +399,12 @@ LycorisNetwork create_lycoris(std::shared_ptr<torch::nn::Module> model, double m
   clash("linear_dim", static_cast<double>(linear_dim), static_cast<double>(opts.linear_dim()), static_cast<double>(d.linear_dim()));
   clash("linear_alpha", linear_alpha, opts.linear_alpha(), d.linear_alpha());
   opts.multiplier(multiplier).linear_dim(linear_dim).linear_alpha(linear_alpha);
-  return LycorisNetwork(std::move(model), std::move(opts));
+  return opts;
+}
+
+LycorisNetwork create_lycoris(std::shared_ptr<torch::nn::Module> model, double multiplier, int64_t linear_dim,
+                              double linear_alpha, NetworkOptions opts) {
+  return LycorisNetwork(std::move(model), detail::with_positional(std::move(opts), multiplier, linear_dim, linear_alpha));
 }
 
 LycorisNetwork create_lycoris_from_weights(std::shared_ptr<torch::nn::Module> model, const std::string& file,
