@@ -6,44 +6,16 @@
 #include <benchmark/benchmark.h>
 #include <torch/torch.h>
 
+#include "bench_model.hpp"
 #include "lycoris/network.hpp"
 #include "lycoris/nn/layers.hpp"
 
 namespace {
 
-constexpr int64_t kC = 320, kBatch = 4, kHW = 8, kBlocks = 4;
-
-template <typename Linear, typename Conv2d>
-struct BenchModelImpl : torch::nn::Module {
-  std::vector<Conv2d> convs;
-  std::vector<std::array<Linear, 5>> blocks;
-  BenchModelImpl() {
-    auto conv_list = register_module("convs", std::make_shared<torch::nn::Module>());
-    for (int64_t i = 0; i < kBlocks; ++i)
-      convs.push_back(conv_list->register_module(std::to_string(i),
-                                                 Conv2d(torch::nn::Conv2dOptions(kC, kC, 3).padding(1))));
-    auto list = register_module("blocks", std::make_shared<torch::nn::Module>());
-    for (int64_t i = 0; i < kBlocks; ++i) {
-      auto b = list->register_module(std::to_string(i), std::make_shared<torch::nn::Module>());
-      std::array<Linear, 5> l = {Linear(nullptr), Linear(nullptr), Linear(nullptr), Linear(nullptr), Linear(nullptr)};
-      const char* names[] = {"to_q", "to_k", "to_v", "to_out", "ff"};
-      for (int j = 0; j < 5; ++j) l[j] = b->register_module(names[j], Linear(kC, kC));
-      blocks.push_back(l);
-    }
-  }
-  torch::Tensor forward(torch::Tensor x) {
-    for (auto& c : convs) x = x + c(torch::silu(x));
-    auto t = x.flatten(2).transpose(1, 2);  // [B, 64, C]
-    for (auto& b : blocks) {
-      auto q = b[0](t), k = b[1](t), v = b[2](t);
-      auto a = torch::softmax(q.matmul(k.transpose(1, 2)) / std::sqrt(double(kC)), -1);
-      t = t + b[3](a.matmul(v));
-      t = t + b[4](torch::gelu(t));
-    }
-    return t;
-  }
-};
-
+using lycoris::bench::BenchModelImpl;
+using lycoris::bench::kBatch;
+using lycoris::bench::kC;
+using lycoris::bench::kHW;
 using Plain = BenchModelImpl<torch::nn::Linear, torch::nn::Conv2d>;
 using DropIn = BenchModelImpl<lycoris::nn::Linear, lycoris::nn::Conv2d>;
 

@@ -88,7 +88,8 @@ void save(const torch::jit::Module& module, const std::string& path) {
   module.save(os);
   const std::string bytes = os.str();
   io::detail::AtomicFile out(path);
-  if (const int err = io::detail::pwrite_all(out.fd(), reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), 0)) {
+  const auto* data = reinterpret_cast<const uint8_t*>(bytes.data());
+  if (const int err = io::detail::pwrite_all(out.fd(), data, bytes.size(), 0)) {
     errno = err;
     out.fail("write failed");
   }
