@@ -24,9 +24,11 @@ torch::Tensor rotations(const torch::Tensor& blocks, double constraint, int64_t 
     Q = torch::where(q > C, Q * (C / q), Q);
   }
   auto I = torch::eye(Q.size(-1), Q.options());
-  // I − Q is invertible for every finite skew-symmetric Q; blocks with NaN/Inf (or so large that Q
-  // overflows) give NaN/Inf rotations, reported like any other non-finite result, not a solver exception
-  return torch::matmul(I + Q, std::get<0>(torch::linalg_inv_ex(I - Q)));
+  // (I + Q) and (I − Q)⁻¹ commute (both are functions of Q), so R = (I − Q)⁻¹(I + Q): one solve instead of
+  // an inverse and a product. I − Q is invertible for every finite skew-symmetric Q; blocks with NaN/Inf (or
+  // so large that Q overflows) give NaN/Inf rotations, reported like any other non-finite result, not a
+  // solver exception
+  return std::get<0>(torch::linalg_solve_ex(I - Q, I + Q));
 }
 
 torch::Tensor interpolate(const torch::Tensor& R, double m, double dropout) {
