@@ -4,6 +4,7 @@
 #include "lycoris/adapter_file.hpp"
 #include "lycoris/algorithms.hpp"
 #include "lycoris/error.hpp"
+#include "lycoris/file_layouts.hpp"
 #include "lycoris/io/safetensors.hpp"
 #include "lycoris/jit.hpp"
 #include "lycoris/layer.hpp"

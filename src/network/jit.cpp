@@ -1,6 +1,7 @@
 // Networks on TorchScript modules and .pt archives (lycoris/jit.hpp, docs/training.md#torchscript): the
 // network code of network.cpp over host_module(torch::jit::Module), plus the errors a TorchScript model
 // needs that a torch::nn one does not (a file that matches nothing, a targeted layer that cannot be adapted).
+#include <torch/csrc/jit/runtime/graph_executor.h>
 #include <torch/csrc/jit/serialization/import.h>
 #include <torch/torch.h>
 
@@ -58,6 +59,11 @@ LycorisNetwork create_lycoris_from_weights(const torch::jit::Module& model, cons
 }
 
 namespace torchscript {
+
+TrainingScope::TrainingScope() : previous_(torch::jit::getGraphExecutorOptimize()) {
+  torch::jit::setGraphExecutorOptimize(false);
+}
+TrainingScope::~TrainingScope() { torch::jit::setGraphExecutorOptimize(previous_); }
 
 bool is_archive(const std::string& path) {
   std::ifstream in(path, std::ios::binary);

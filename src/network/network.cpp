@@ -191,6 +191,11 @@ void LycorisNetworkImpl::set_multiplier(double m) {
 
 void LycorisNetworkImpl::merge_to(double m) {
   if (merged_) throw Error("merge_to: this network is already merged into the model (merging again would add ΔW twice)");
+  // all or nothing: a layer that cannot take a bias change is found before any weight is written
+  for (const auto& mod : modules_) {
+    if (!mod.adapter->changes_bias() || detail::base_weights(detail::adaptable_layer(mod)).second.defined()) continue;
+    if (auto why = mod.view->bias_refusal(); !why.empty()) throw Error("merge_to: " + mod.name + ": " + why);
+  }
   if (applied_) restore();
   torch::NoGradGuard no_grad;
   for (const auto& mod : modules_) {
