@@ -26,7 +26,7 @@ struct ConvertForOptions {
 struct ConvertForModule {
   std::string name, algo;
   Verdict before = Verdict::Exact;  // the loader's verdict on the input module
-  std::string form;                 // "kept", "lora", "diff", or the algorithm re-laid-out ("loha", "lokr")
+  std::string form;                 // "kept", "lora", "diff"
   int64_t rank = 0;                 // of the "lora" form
   int64_t bytes_before = 0, bytes_after = 0;
   bool baked = false;  // rewritten at `strength` (exact only at that strength)
