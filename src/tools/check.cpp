@@ -18,6 +18,7 @@
 #include "lycoris/jit.hpp"
 #include "lycoris/layer.hpp"
 #include "lycoris/text.hpp"
+#include "lycoris/tools/check_loader.hpp"
 #include "lycoris/tools/convert.hpp"
 #include "lycoris/adapter_file.hpp"
 #include "module_fit.hpp"
@@ -212,16 +213,18 @@ CheckReport check(const std::string& adapter_path, const std::string& base_path,
         c.prefix = target->prefix;
         c.part = target->layer.part;
         c.parts = target->layer.parts;
+        c.layer_shape = naming::layer_shape(target->layer, shapes.at(target->layer.weight_key));
         rules_used.emplace(target->dialect, target->prefix);
         covered.insert(layer_id(target->layer));
         families.insert(family(target->path));
       }
       try {
-        if (algo->loader_notes)
-          for (auto& note : algo->loader_notes(m.name, m.tensors)) {
-            auto& n = notes[note.topic];
-            n.topic = note.topic;
-            n.text = note.text;
+        const auto traits = module_traits(*algo, m.name, m.tensors, static_cast<int64_t>(c.layer_shape.size()));
+        for (const auto& table : loader_tables())
+          for (const auto* rule : matching_rules(table, algo->name, traits)) {
+            auto& n = notes[table.title + ": " + rule->topic];
+            n.topic = table.title + ": " + rule->topic;
+            n.text = loader_rule_text(*rule);
             n.modules.push_back(m.name);
           }
       } catch (const Error&) {  // unreadable alpha etc.: already reported as malformed by the loader
@@ -296,7 +299,7 @@ std::string CheckReport::text() const {
        << safe(join(families, ", ", 12)) << ") are not touched:\n    " << join(shown, "\n    ", 30) << "\n";
   }
   if (!notes.empty()) {
-    os << "other loaders read this file differently:\n";
+    os << "other loaders read this file differently (`check --loader NAME` for one of them):\n";
     for (const auto& n : notes)
       os << "  - " << n.topic << " (" << n.modules.size() << " module(s), e.g. " << safe(n.modules.front())
          << "): " << n.text << "\n";
