@@ -2,8 +2,12 @@
 //   "lycoris_checkpoint"  JSON text: format, step, extra, structure, multiplier, mode, DyLoRA blocks,
 //                         optimizer type and parameter groups, the devices of the generator states
 //   "tensors"             the adapters' parameters and buffers, in network_structure order (CPU copies)
+//   "grads"               the defined gradients, of the tensors listed in the JSON's "grads" (an optimizer
+//                         updates a parameter whose gradient is defined, even zero, and skips one without)
 //   "rng_now", "rng_refresh"  generator states at saving / before the last refresh, in the JSON's device order
-//   "optimizer"           torch::optim::Optimizer::save (its options per group and its per-parameter state)
+//   "optimizer"           torch::optim::Optimizer::save (its per-parameter state; libtorch 1.13 does not
+//                         restore the options from it, hence:)
+//   "optimizer_options"   per parameter group i, "<i>": the group's options (OptimizerOptions::serialize)
 #include "lycoris/checkpoint.hpp"
 
 #include <c10/util/Type.h>
@@ -37,13 +41,19 @@ constexpr const char* kMetaKey = "lycoris_checkpoint";
 
 using json = nlohmann::json;
 
+// (name, tensor) of a module's parameters, then buffers.
+std::vector<std::pair<std::string, torch::Tensor>> module_tensors(const NetworkModule& m) {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (const auto& p : m.adapter->named_parameters(true)) out.emplace_back(m.name + "." + p.key(), p.value());
+  for (const auto& b : m.adapter->named_buffers(true)) out.emplace_back(m.name + "." + b.key(), b.value());
+  return out;
+}
+
 // (name, tensor) of every adapter tensor in network_structure order.
 std::vector<std::pair<std::string, torch::Tensor>> adapter_tensors(const LycorisNetworkImpl& net) {
   std::vector<std::pair<std::string, torch::Tensor>> out;
-  for (const auto& m : net.modules()) {
-    for (const auto& p : m.adapter->named_parameters(true)) out.emplace_back(m.name + "." + p.key(), p.value());
-    for (const auto& b : m.adapter->named_buffers(true)) out.emplace_back(m.name + "." + b.key(), b.value());
-  }
+  for (const auto& m : net.modules())
+    for (auto& t : module_tensors(m)) out.push_back(std::move(t));
   return out;
 }
 
@@ -92,8 +102,7 @@ std::string network_structure(const LycorisNetworkImpl& net) {
   std::string out;
   for (const auto& m : net.modules()) {
     out += m.name + " " + m.algo + "\n";
-    for (const auto& p : m.adapter->named_parameters(true)) out += tensor_line(m.name + "." + p.key(), p.value()) + "\n";
-    for (const auto& b : m.adapter->named_buffers(true)) out += tensor_line(m.name + "." + b.key(), b.value()) + "\n";
+    for (const auto& [name, t] : module_tensors(m)) out += tensor_line(name, t) + "\n";
   }
   return out;
 }
@@ -135,6 +144,16 @@ void save_checkpoint(const std::string& path, const LycorisNetworkImpl& net, con
   c10::List<torch::Tensor> tensors;
   for (const auto& [name, t] : adapter_tensors(net)) tensors.push_back(t.detach().to(torch::kCPU).clone());
   archive.write("tensors", tensors);
+  c10::List<torch::Tensor> grads;
+  json with_grad = json::array();
+  const auto all = adapter_tensors(net);
+  for (size_t i = 0; i < all.size(); ++i)
+    if (all[i].second.grad().defined()) {
+      with_grad.push_back(i);
+      grads.push_back(all[i].second.grad().detach().to(torch::kCPU).clone());
+    }
+  archive.write("grads", grads);
+  meta["grads"] = with_grad;
   json now_devices, refresh_devices;
   archive.write("rng_now", generator_tensors(detail::generator_states(net), now_devices));
   archive.write("rng_refresh", generator_tensors(net.rng_before_refresh(), refresh_devices));
@@ -143,6 +162,13 @@ void save_checkpoint(const std::string& path, const LycorisNetworkImpl& net, con
   torch::serialize::OutputArchive opt_archive;
   optimizer.save(opt_archive);
   archive.write("optimizer", opt_archive);
+  torch::serialize::OutputArchive options_archive;
+  std::vector<torch::serialize::OutputArchive> groups(optimizer.param_groups().size());
+  for (size_t i = 0; i < groups.size(); ++i) {
+    optimizer.param_groups()[i].options().serialize(groups[i]);
+    options_archive.write(std::to_string(i), groups[i]);
+  }
+  archive.write("optimizer_options", options_archive);
 
   std::ostringstream bytes;
   archive.save_to(bytes);
@@ -155,8 +181,10 @@ namespace {
 struct LoadedCheckpoint {
   json meta;
   std::vector<torch::Tensor> tensors;
+  std::map<size_t, torch::Tensor> grads;  // tensor index → its gradient
   detail::GeneratorStates rng_now, rng_refresh;
   torch::serialize::InputArchive optimizer;
+  std::vector<torch::serialize::InputArchive> group_options;  // per parameter group
 };
 
 [[noreturn]] void damaged(const std::string& path, const std::string& why) {
@@ -186,7 +214,7 @@ LoadedCheckpoint read_checkpoint(const std::string& path, const torch::Device& d
   try {
     torch::serialize::InputArchive archive;
     archive.load_from(path, device);
-    c10::IValue meta, tensors, now, refresh;
+    c10::IValue meta, tensors, grads, now, refresh;
     if (!archive.try_read(kMetaKey, meta) || !meta.isString())
       throw FormatError(path + ": a torch archive, but not a lycoris training checkpoint (no '" + kMetaKey +
                         "' record)");
@@ -195,12 +223,21 @@ LoadedCheckpoint read_checkpoint(const std::string& path, const torch::Device& d
       throw FormatError(path + ": checkpoint format " + c.meta.value("format", json()).dump() +
                         " is not the one this lycoris reads (" + std::to_string(kFormat) + ")");
     archive.read("tensors", tensors);
+    archive.read("grads", grads);
     archive.read("rng_now", now);
     archive.read("rng_refresh", refresh);
     archive.read("optimizer", c.optimizer);
+    torch::serialize::InputArchive options;
+    archive.read("optimizer_options", options);
+    c.group_options.resize(c.meta.at("optimizer").at("groups").size());
+    for (size_t i = 0; i < c.group_options.size(); ++i) options.read(std::to_string(i), c.group_options[i]);
     if (!tensors.isTensorList()) damaged(path, "'tensors' is not a list of tensors");
     const auto list = tensors.toTensorList();
     for (size_t i = 0; i < list.size(); ++i) c.tensors.push_back(list.get(i));
+    const json& with_grad = c.meta.at("grads");
+    if (!grads.isTensorList() || grads.toTensorList().size() != with_grad.size())
+      damaged(path, "the gradients do not match their list");
+    for (size_t i = 0; i < with_grad.size(); ++i) c.grads[with_grad[i].get<size_t>()] = grads.toTensorList().get(i);
     c.rng_now = generator_states_of(path, now, c.meta.at("rng").at("now"));
     c.rng_refresh = generator_states_of(path, refresh, c.meta.at("rng").at("refresh"));
   } catch (const c10::Error& e) {
@@ -217,7 +254,8 @@ LoadedCheckpoint read_checkpoint(const std::string& path, const torch::Device& d
 void check_fits(const std::string& path, const json& meta, const LycorisNetworkImpl& net,
                 const torch::optim::Optimizer& optimizer) {
   const std::string diff =
-      structure_difference(meta.at("structure").get<std::string>(), network_structure(net), "the checkpoint", "the network");
+      structure_difference(meta.at("structure").get<std::string>(), network_structure(net), "the checkpoint",
+                           "the network");
   if (!diff.empty()) throw KeyError(path + ": the checkpoint is of another network structure: " + diff);
   const json& o = meta.at("optimizer");
   const std::string type = o.at("type").get<std::string>();
@@ -237,16 +275,29 @@ void check_fits(const std::string& path, const json& meta, const LycorisNetworkI
     if (!d.empty()) throw OptionError(path + ": optimizer parameter group " + std::to_string(g) + ", " + d);
   }
   if (meta.at("applied").get<bool>() != net.applied())
-    throw Error(path + ": the network was " + (net.applied() ? "not " : "") + "applied when the checkpoint was saved; " +
-                (net.applied() ? "restore()" : "call apply_to()") + " before load_checkpoint");
+    throw Error(path + ": the network was " + (net.applied() ? "not " : "") +
+                "applied when the checkpoint was saved; " + (net.applied() ? "restore()" : "call apply_to()") +
+                " before load_checkpoint");
 }
 
-// The states of the generators `net` draws from (CPU and its devices) that `saved` has.
+// The saved states for the generators `net` draws from (CPU and its devices): each device's own, else the
+// only saved one of its type (a process on cuda:0 saved, one on cuda:1 resumes).
 detail::GeneratorStates used_here(const detail::GeneratorStates& saved, const LycorisNetworkImpl& net) {
   detail::GeneratorStates out;
-  for (const auto& [device, state] : detail::generator_states(net))
-    for (const auto& s : saved)
-      if (s.first == device) out.push_back(s);
+  for (const auto& here : detail::generator_states(net)) {
+    const torch::Device device = here.first;
+    const torch::Tensor* same = nullptr;
+    const torch::Tensor* same_type = nullptr;
+    int of_type = 0;
+    for (const auto& [d, state] : saved) {
+      if (d == device) same = &state;
+      if (d.type() == device.type() && ++of_type == 1) same_type = &state;
+    }
+    if (same)
+      out.emplace_back(device, *same);
+    else if (of_type == 1)
+      out.emplace_back(device, *same_type);
+  }
   return out;
 }
 
@@ -280,8 +331,14 @@ Checkpoint load_checkpoint(const std::string& path, LycorisNetworkImpl& net, tor
     if (c.tensors[i].scalar_type() != targets[i].second.scalar_type() ||
         c.tensors[i].sizes() != targets[i].second.sizes())
       damaged(path, "tensor '" + targets[i].first + "' disagrees with its structure");
+  for (const auto& [i, g] : c.grads)
+    if (i >= targets.size() || g.scalar_type() != targets[i].second.scalar_type() ||
+        g.sizes() != targets[i].second.sizes())
+      damaged(path, "a gradient disagrees with its tensor");
   try {
     optimizer.load(c.optimizer);
+    for (size_t i = 0; i < c.group_options.size(); ++i)
+      optimizer.param_groups()[i].options().serialize(c.group_options[i]);
   } catch (const c10::Error& e) {
     std::string what = e.what_without_backtrace();
     if (const auto nl = what.find('\n'); nl != std::string::npos) what.resize(nl);
@@ -293,7 +350,15 @@ Checkpoint load_checkpoint(const std::string& path, LycorisNetworkImpl& net, tor
   if (net.multiplier() != multiplier) net.set_multiplier(multiplier);
   {
     torch::NoGradGuard no_grad;
-    for (size_t i = 0; i < targets.size(); ++i) targets[i].second.copy_(c.tensors[i]);
+    for (size_t i = 0; i < targets.size(); ++i) {
+      const auto& t = targets[i].second;
+      t.copy_(c.tensors[i]);
+      const auto g = c.grads.find(i);
+      if (g != c.grads.end())
+        t.mutable_grad() = g->second.to(t.device()).clone();
+      else if (t.grad().defined())
+        t.mutable_grad() = torch::Tensor();
+    }
   }
   for (const auto& [d, n] : blocks) d->set_active_blocks(n);
   // the bound weights as at saving: the same draws (dropouts) from the same generator states

@@ -38,7 +38,9 @@ GeneratorStates generator_states(const torch::nn::Module& module) {
 
 void set_generator_states(const GeneratorStates& states) {
   for (const auto& [device, state] : states) {
-    if (device.is_cuda() && !(torch::cuda::is_available() && static_cast<size_t>(device.index()) < torch::cuda::device_count()))
+    const bool present = device.is_cpu() || (device.is_cuda() && torch::cuda::is_available() &&
+                                             static_cast<size_t>(device.index()) < torch::cuda::device_count());
+    if (!present)
       throw Error("random generator of " + device.str() + ": no such device here");
     auto gen = at::globalContext().defaultGenerator(device);
     std::lock_guard<std::mutex> lock(gen.mutex());
