@@ -202,6 +202,28 @@ TEST(Checkpoint, RandomStateMatters) {
   }
 }
 
+TEST(Checkpoint, LoadRedrawsTheBoundWeightsOfTheNextStep) {
+  // after a step, the bound W' of the next one holds fresh dropout masks (rank dropout: rows of ΔW zeroed,
+  // module dropout: W' = W0); loading reproduces them exactly, which a refresh from another state does not
+  const Case c = cases()[0];
+  const std::string path = test::temp_dir("checkpoint_bound") + "/run.ckpt";
+  Job reference(c);
+  reference.train(0, kEvery, path, kEvery);
+  Job resumed(c);
+  load_checkpoint(path, *resumed.net, *resumed.opt);
+  const auto fc1 = [](Job& j) { return j.model->fc1->weight; };
+  const auto fc2 = [](Job& j) { return j.model->fc2->weight; };
+  EXPECT_TRUE(torch::equal(fc1(resumed), fc1(reference)));
+  EXPECT_TRUE(torch::equal(fc2(resumed), fc2(reference)));
+  bool redrawn_differs = false;
+  for (int seed = 0; seed < 4 && !redrawn_differs; ++seed) {
+    torch::manual_seed(seed);
+    resumed.net->refresh();
+    redrawn_differs = !torch::equal(fc1(resumed), fc1(reference)) || !torch::equal(fc2(resumed), fc2(reference));
+  }
+  EXPECT_TRUE(redrawn_differs);
+}
+
 // ---------------------------------------------------------------- what load_checkpoint refuses
 
 struct Saved {
