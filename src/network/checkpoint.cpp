@@ -301,6 +301,16 @@ detail::GeneratorStates used_here(const detail::GeneratorStates& saved, const Ly
   return out;
 }
 
+// FormatError unless every saved state that load_checkpoint will set has the form of the generator's own.
+void check_generator_states(const std::string& path, const detail::GeneratorStates& saved,
+                            const LycorisNetworkImpl& net) {
+  const auto current = detail::generator_states(net);
+  for (const auto& [device, state] : used_here(saved, net))
+    for (const auto& [d, own] : current)
+      if (d == device && (state.scalar_type() != own.scalar_type() || state.sizes() != own.sizes()))
+        damaged(path, "the random generator state of " + device.str() + " has the wrong form");
+}
+
 }  // namespace
 
 Checkpoint load_checkpoint(const std::string& path, LycorisNetworkImpl& net, torch::optim::Optimizer& optimizer) {
@@ -335,6 +345,8 @@ Checkpoint load_checkpoint(const std::string& path, LycorisNetworkImpl& net, tor
     if (i >= targets.size() || g.scalar_type() != targets[i].second.scalar_type() ||
         g.sizes() != targets[i].second.sizes())
       damaged(path, "a gradient disagrees with its tensor");
+  check_generator_states(path, c.rng_now, net);
+  check_generator_states(path, c.rng_refresh, net);
   try {
     optimizer.load(c.optimizer);
     for (size_t i = 0; i < c.group_options.size(); ++i)
