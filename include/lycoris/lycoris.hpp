@@ -3,6 +3,7 @@
 #include "lycoris/adapter.hpp"
 #include "lycoris/adapter_file.hpp"
 #include "lycoris/algorithms.hpp"
+#include "lycoris/checkpoint.hpp"
 #include "lycoris/error.hpp"
 #include "lycoris/file_layouts.hpp"
 #include "lycoris/io/safetensors.hpp"

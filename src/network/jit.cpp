@@ -92,14 +92,7 @@ torch::jit::Module load(const std::string& path) {
 void save(const torch::jit::Module& module, const std::string& path) {
   std::ostringstream os;
   module.save(os);
-  const std::string bytes = os.str();
-  io::detail::AtomicFile out(path);
-  const auto* data = reinterpret_cast<const uint8_t*>(bytes.data());
-  if (const int err = io::detail::pwrite_all(out.fd(), data, bytes.size(), 0)) {
-    errno = err;
-    out.fail("write failed");
-  }
-  out.commit(bytes.size());
+  io::detail::write_atomically(path, os.str());
 }
 
 ArchiveMergeReport merge_archive(const std::string& base, const std::string& output,
