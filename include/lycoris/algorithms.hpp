@@ -44,6 +44,10 @@ struct Algorithm {
   // The module's traits (names from known_traits(); the layer kind when the stored shapes show it). Throws
   // lycoris::Error when a value it needs is unreadable (the loader reports the same module as malformed).
   std::function<Traits(const std::string& module, const TensorMap&)> traits;
+  // Other layouts of the same module with the same ΔW at every strength (a Tucker core folded into a factor,
+  // a whole conv lokr_w2 made low-rank), for loaders that misread this one: `convert --for` tries them before
+  // a LoRA or Full form of ΔW (null or empty: none).
+  std::function<std::vector<TensorMap>(const std::string& module, const TensorMap&)> equivalent_forms;
   // PEFT's form of a module at LyCORIS scale `scale` (null: PEFT has no such adapter, `peft_refusal` says why).
   std::function<PeftForm(const TensorMap&, double scale)> to_peft;
   // A module read from a PEFT file (LyCORIS suffixes, PEFT shapes, no alpha) made a LyCORIS module at PEFT

@@ -90,6 +90,16 @@ void add_kind_trait(Traits& traits, const torch::Tensor& weight_like) {
   if (auto kind = layer_kind_trait(weight_like.dim()); !kind.empty()) traits.push_back(kind);
 }
 
+torch::Tensor alpha_or_rank(const TensorMap& tensors, int64_t rank) {
+  auto a = functional::optional(tensors, "alpha");
+  return a.defined() ? a : torch::tensor(static_cast<float>(rank));
+}
+
+torch::Tensor fold_tucker_core(const torch::Tensor& core, const torch::Tensor& b) {
+  auto folded_core = torch::einsum("ijk,jc->ick", {core.to(torch::kFloat64).flatten(2), b.to(torch::kFloat64)});
+  return folded_core.reshape({folded_core.size(0), -1});
+}
+
 torch::Tensor folded(const torch::Tensor& x, double s) {
   return (x.to(torch::kFloat64) * s).to(x.scalar_type()).contiguous();
 }

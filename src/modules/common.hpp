@@ -45,6 +45,11 @@ void add_alpha_traits(Traits& traits, int64_t rank, double alpha);
 // The layer-kind trait ("linear", "conv1d", "conv2d", "conv3d") of a tensor laid out like the layer's weight
 // (out, in, *kernel), from its number of dimensions; nothing for other counts.
 void add_kind_trait(Traits& traits, const torch::Tensor& weight_like);
+// The alpha a rewritten module keeps: the stored one, else `rank` (scale 1) as a 0-dim fp32 tensor.
+torch::Tensor alpha_or_rank(const TensorMap& tensors, int64_t rank);
+// A Tucker product core ×₂ b unfolded: core (r, r', *K), b (r', n) → (r, n·k), [i, (c, κ)] = Σ_j core[i,j,κ]·b[j,c],
+// in fp64 (the factor that, times aᵀ, gives the same weight without a core).
+torch::Tensor fold_tucker_core(const torch::Tensor& core, const torch::Tensor& b);
 // x·s computed in fp64, stored back in x's dtype (one rounding): a scale folded into a factor.
 torch::Tensor folded(const torch::Tensor& x, double s);
 // The (unsupported) reason of an algorithm PEFT has no adapter for.

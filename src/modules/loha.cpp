@@ -149,6 +149,20 @@ Algorithm loha_algorithm() {
   a.rank = [](const TensorMap& t) { return stored_size(t, {"hada_w1_b"}); };
   a.supports = supports_weight_layer;
   a.options = low_rank_options();
+  // Tucker: ΔW₁ = t1 ×₁ w1aᵀ ×₂ w1bᵀ unfolded (O, I·k) = w1aᵀ · fold(t1, w1b), rank r either way (same scale)
+  a.equivalent_forms = [](const std::string& module, const TensorMap& t) -> std::vector<TensorMap> {
+    auto t1 = F::optional(t, "hada_t1"), t2 = F::optional(t, "hada_t2");
+    if (!t1.defined() || !t2.defined()) return {};
+    const auto& w1a = F::require(t, "hada_w1_a", module);
+    const auto dtype = w1a.scalar_type();
+    F::loha::Weights w;
+    w.w1a = w1a.t().contiguous();
+    w.w1b = fold_tucker_core(t1, F::require(t, "hada_w1_b", module)).to(dtype);
+    w.w2a = F::require(t, "hada_w2_a", module).t().contiguous();
+    w.w2b = fold_tucker_core(t2, F::require(t, "hada_w2_b", module)).to(dtype);
+    const auto form = loha_file_tensors(w, alpha_or_rank(t, w1a.size(0)), F::optional(t, "dora_scale"));
+    return {TensorMap(form.begin(), form.end())};
+  };
   a.traits = [](const std::string& module, const TensorMap& t) {
     auto traits = low_rank_traits(module, t, stored_size(t, {"hada_w1_b"}));
     auto t1 = F::optional(t, "hada_t1");

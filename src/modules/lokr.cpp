@@ -192,6 +192,30 @@ Algorithm lokr_algorithm() {
   a.rank = lokr_stored_rank;
   a.supports = supports_weight_layer;
   a.options = lokr_options();
+  a.equivalent_forms = [](const std::string& module, const TensorMap& t) -> std::vector<TensorMap> {
+    F::lokr::Weights w{F::optional(t, "lokr_w1"), F::optional(t, "lokr_w1_a"), F::optional(t, "lokr_w1_b"),
+                       F::optional(t, "lokr_w2"), F::optional(t, "lokr_w2_a"), F::optional(t, "lokr_w2_b"),
+                       F::optional(t, "lokr_t2")};
+    auto alpha = alpha_or_rank(t, lokr_stored_rank(t));
+    if (w.t2.defined() && w.w2a.defined() && w.w2b.defined()) {
+      // Tucker: W2 = t2 ×₁ w2aᵀ ×₂ w2bᵀ = w2aᵀ · fold(t2, w2b) (p, q·k), rank r either way (same scale)
+      const auto dtype = w.w2a.scalar_type();
+      w.w2b = fold_tucker_core(w.t2, w.w2b).to(dtype);
+      w.w2a = w.w2a.t().contiguous();
+      w.t2 = torch::Tensor();
+    } else if (w.w2.defined() && w.w2.dim() > 2) {
+      // a whole W2 (p, q, *K) as I_p · W2 (p, q·k): rank p, and alpha = p keeps the scale 1 of whole factors
+      const int64_t p = w.w2.size(0);
+      w.w2a = torch::eye(p, w.w2.options());
+      w.w2b = w.w2.reshape({p, -1});
+      w.w2 = torch::Tensor();
+      if (!w.w1b.defined()) alpha = torch::tensor(static_cast<float>(p));
+    } else {
+      return {};
+    }
+    const auto form = lokr_file_tensors(w, alpha, F::optional(t, "dora_scale"));
+    return {TensorMap(form.begin(), form.end())};
+  };
   a.traits = [](const std::string& module, const TensorMap& t) {
     const int64_t rank = lokr_stored_rank(t);
     const double alpha = alpha_or_nan(module, t);

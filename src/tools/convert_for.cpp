@@ -183,7 +183,17 @@ ConvertForReport convert_for(const std::string& input, const std::string& output
     }
     NamedTensors after = before;
     c.form = "kept";
-    if (c.before != Verdict::Exact) {
+    if (c.before != Verdict::Exact && algo && algo->equivalent_forms) {
+      // the module's own algorithm in a layout the loader reads exactly: no ΔW, no base needed
+      for (auto& form : algo->equivalent_forms(m.name, m.tensors)) {
+        NamedTensors candidate(form.begin(), form.end());
+        if (!loader_exact(*report.loader, m.name, candidate, dims)) continue;
+        after = std::move(candidate);
+        c.form = algo->name;
+        break;
+      }
+    }
+    if (c.before != Verdict::Exact && c.form == "kept") {
       if (!algo) throw KeyError(input + ": " + m.name + ": no algorithm recognises its keys: nothing to rewrite from");
       if (!lm)
         throw OptionError(input + ": " + m.name + ": " + report.loader->title + " would not apply it exactly; "

@@ -224,6 +224,27 @@ TEST(LoaderRules, ConvertForKeepsDeltaAndIsExact) {
   }
 }
 
+// Tucker LoHa/LoKr and a whole conv lokr_w2 are re-laid-out in their own algorithm (no base needed): the
+// Tucker core folded into a factor, lokr_w2 as I·lokr_w2; ΔW equal at every strength, exact for ComfyUI.
+TEST(LoaderRules, ConvertForRelaysOutWithoutBase) {
+  const auto dir = test::temp_dir("convert-for-relayout");
+  for (const std::string c : {"lokr_tucker", "loha_tucker", "lokr"}) {
+    SCOPED_TRACE(c);
+    const auto out = dir + "/" + c + ".safetensors";
+    tools::ConvertForOptions o;
+    o.loader = "comfyui";
+    const auto r = tools::convert_for(golden(c, "adapter"), out, o);
+    EXPECT_GT(r.rewritten(), 0u);
+    for (const auto& m : r.modules)
+      if (m.form != "kept") {
+        EXPECT_EQ(m.form, m.algo) << m.name;
+        EXPECT_FALSE(m.baked);
+      }
+    EXPECT_TRUE(tools::check_loader(out, "comfyui").exact());
+    for (double m : {1.0, 0.3}) expect_same_deltas(golden(c, "adapter"), out, golden(c, "base"), m);
+  }
+}
+
 // A strength-dependent module converted at --strength 0.7 gives our ΔW at 0.7 when loaded at 0.7.
 TEST(LoaderRules, ConvertForBakesAtStrength) {
   const auto dir = test::temp_dir("convert-for-strength");

@@ -1,6 +1,8 @@
 // `lycoris convert ADAPTER --for comfyui|sdwebui|sdcpp --base BASE -o OUT [--strength S]`: rewrite every module
 // the loader would not apply exactly (its rule table, tools/loader_rules.hpp) into a form it applies exactly,
 // keeping our ΔW (docs/tools.md#convert-for):
+//   * the module's own algorithm in another layout the loader reads exactly (the registry's
+//     equivalent_forms: a Tucker core folded into a factor, a whole conv lokr_w2 made low-rank);
 //   * the exact low-rank LoRA of ΔW (SVD, truncated at the numerical rank) when that is smaller than the
 //     layer: a Tucker LoRA becomes a plain LoRA of the same rank, a misread LoKr a LoRA of rank ≤ its own;
 //   * else a Full `diff` (with `diff_b` where the module changes the bias).
