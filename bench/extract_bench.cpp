@@ -25,6 +25,7 @@
 #include "lycoris/naming.hpp"
 #include "lycoris/tools/extract.hpp"
 #include "lycoris/tools/resize.hpp"
+#include "sd15_layers.hpp"
 
 namespace {
 
@@ -32,24 +33,7 @@ using namespace lycoris;
 namespace F = lycoris::functional;
 namespace fs = std::filesystem;
 
-struct Layer {
-  std::string module, kind;
-  std::vector<int64_t> weight, bias;
-};
-
-std::vector<Layer> layers() {
-  const fs::path path = fs::path(__FILE__).parent_path() / "data" / "sd15_unet_layers.json";
-  std::ifstream in(path);
-  if (!in) throw std::runtime_error(path.string() + ": cannot open");
-  auto j = nlohmann::json::parse(in);
-  std::vector<Layer> out;
-  for (const auto& l : j.at("layers")) {
-    Layer x{l.at("module"), l.at("kind"), l.at("weight").get<std::vector<int64_t>>(), {}};
-    if (!l.at("bias").is_null()) x.bias = l.at("bias").get<std::vector<int64_t>>();
-    out.push_back(x);
-  }
-  return out;
-}
+using Layer = bench::Sd15Layer;
 
 // A fine-tune-like difference of shape (O, I·k): rank-96 part with σ_i ∝ 0.93^i plus 1 % Gaussian noise.
 torch::Tensor fine_tune_delta(int64_t rows, int64_t cols, int64_t rank = 96) {
@@ -116,7 +100,7 @@ void ensure_checkpoints() {
   if (fs::exists(dir / "tuned.safetensors") && fs::exists(dir / "locon_r32.safetensors")) return;
   fs::create_directories(dir);
   torch::manual_seed(1234);
-  auto ls = layers();
+  auto ls = bench::sd15_layers();
   std::vector<io::TensorDecl> decls;
   for (const auto& l : ls) {
     decls.push_back({l.module + ".weight", io::DType::F16, l.weight});

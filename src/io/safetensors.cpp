@@ -612,6 +612,23 @@ void SafetensorsWriter::commit() {
   s.committed = true;
 }
 
+uint64_t safetensors_size(const std::string& path, const std::vector<TensorDecl>& tensors,
+                          const std::map<std::string, std::string>& metadata) {
+  std::vector<uint64_t> sizes;
+  const uint64_t header = detail::header_json(path, tensors, metadata, sizes).size();
+  uint64_t data = 0;
+  for (uint64_t n : sizes) data += n;
+  return 8 + (header + 7) / 8 * 8 + data;  // the writer pads the header to a multiple of 8
+}
+
+uint64_t header_entry_bound(const std::string& path, const TensorDecl& tensor, uint64_t max_offset) {
+  std::vector<uint64_t> sizes;
+  // "{" entry "}" with data_offsets [0, n]: take out the braces and those digits, count the widest offsets and a comma
+  const uint64_t json = detail::header_json(path, {tensor}, {}, sizes).size();
+  const uint64_t widest = std::to_string(max_offset).size();
+  return json - 2 - 1 - std::to_string(sizes.front()).size() + 2 * widest + 1;
+}
+
 void save_file(const std::string& path, const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
                const std::map<std::string, std::string>& metadata) {
   std::vector<TensorDecl> decls;

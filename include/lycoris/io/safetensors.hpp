@@ -96,6 +96,14 @@ class SafetensorsWriter {
 // unnamed wherever the filesystem supports O_TMPFILE, so nothing is left either.)
 void remove_temporaries_on_signals(std::initializer_list<int> signals);
 
+// The exact size of the file SafetensorsWriter writes for `tensors` and `metadata`: 8-byte length, header padded
+// to 8 bytes, data. Errors as the writer's (FormatError/ShapeError naming `path`).
+uint64_t safetensors_size(const std::string& path, const std::vector<TensorDecl>& tensors,
+                          const std::map<std::string, std::string>& metadata = {});
+// An upper bound on the header bytes one tensor's entry adds (its comma included) when no data offset in the file
+// exceeds `max_offset`; exact but for the digits of the offsets.
+uint64_t header_entry_bound(const std::string& path, const TensorDecl& tensor, uint64_t max_offset);
+
 // Convenience: write all tensors (in the given order) atomically.
 void save_file(const std::string& path, const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
                const std::map<std::string, std::string>& metadata = {});

@@ -22,6 +22,10 @@
 //   quantile #{i : σ_1 + … + σ_i < p·Σσ} (strict, 0 ≤ p ≤ 1);  full: every changed layer as diff/diff_b,
 //   norm layers (1-D weights) as w_norm/b_norm (other modes skip norms, as the reference).
 // For LoKr the rule applies to the singular values of the unconstrained W2 (p, q·k).
+// Budget mode (--budget SIZE / --budget-params N, docs/tools.md#budget): instead of a rule per layer, the
+// ranks (and with algo Auto the algorithm: LoCon, LoHa or LoKr per layer) are allocated across all layers
+// together to minimise Σ w·‖D − ΔW‖² under the budget (tools/budget.hpp); the file, header included, never
+// exceeds it. Layers that get nothing are left out of the file.
 // Streaming: one layer pair per worker at a time from the memory-mapped inputs (pages released after each
 // layer, D in a reused buffer); only the (small) factors are kept, full differences are recomputed while
 // writing; the output is written atomically (SafetensorsWriter).
@@ -39,11 +43,17 @@
 
 namespace lycoris::tools {
 
-enum class ExtractAlgo { LoCon, LoHa, LoKr };
+enum class ExtractAlgo { LoCon, LoHa, LoKr, Auto };  // Auto: budget mode only
 
-// "locon"/"lora", "loha", "lokr" (OptionError otherwise). The rank modes are in rank_rule.hpp.
+// "locon"/"lora", "loha", "lokr", "auto" (OptionError otherwise). The rank modes are in rank_rule.hpp.
 ExtractAlgo parse_extract_algo(const std::string& name);
 const char* to_string(ExtractAlgo algo);
+
+// The per-layer weight of the budget's objective Σ w·‖D − ΔW‖²: None w = 1 (the total squared error, the
+// default), BaseNorm w = 1/‖W_base‖² (each layer's change relative to its weight).
+enum class BudgetWeight { None, BaseNorm };
+BudgetWeight parse_budget_weight(const std::string& name);  // "none", "base-norm"
+const char* to_string(BudgetWeight weight);
 
 struct ExtractOptions {
   ExtractAlgo algo = ExtractAlgo::LoCon;
@@ -64,17 +74,23 @@ struct ExtractOptions {
   int64_t loha_iters = 10;   // ALS sweeps at most
   double loha_tol = 1e-2;    // …stopping when a sweep lowers ‖D − ΔW‖² by less than this fraction
   int64_t lokr_factor = -1;  // factorization bound for the Kronecker split (-1: most balanced)
+  uint64_t budget_bytes = 0;   // > 0: budget mode, the output file at most this many bytes
+  uint64_t budget_params = 0;  // > 0: budget mode counting the elements of the written tensors instead
+  BudgetWeight budget_weight = BudgetWeight::None;
 };
 
 struct ExtractLayerReport {
   std::string module;  // output module name
   std::string key;     // base weight key
   std::vector<int64_t> shape;
+  std::string algo;    // "locon", "loha", "lokr" ("locon" for diff)
   std::string form;    // "lora", "lora+tucker", "loha", "lokr", "lokr(full w2)", "diff", "norm", "skipped"
   int64_t rank = 0;    // 0 for full differences
   double delta_norm = 0;  // ‖D‖_F
   double rel_error = 0;   // ‖D − ΔW(file)‖_F / ‖D‖_F, ΔW rebuilt from the written (cast) tensors
   double seconds = 0;
+  uint64_t bytes = 0;     // the layer's tensor data in the file
+  uint64_t params = 0;    // …as elements
   std::string note;       // e.g. "bias change dropped", "rank clamped to 320"
 };
 
@@ -84,8 +100,16 @@ struct ExtractReport {
   size_t skipped = 0;                      // changed layers not extractable in this mode (norms)
   double total_rel_error = 0;  // sqrt(Σ‖D − ΔW‖²) / sqrt(Σ‖D‖²) over the extracted layers
   size_t tensors_written = 0;
-  uint64_t bytes_written = 0;
+  uint64_t bytes_written = 0;  // tensor data
+  uint64_t file_bytes = 0;     // the whole file, header included
   double seconds = 0;
+  // budget mode: the budget (bytes or parameters), what the allocation used of it (tensor bytes plus the header
+  // bound, or elements), and the allocation's certificate (tools/budget.hpp) as relative errors over all
+  // changed layers: no allocation costing ≤ certified_cost does better than certified_rel_error, none within
+  // the budget better than lower_rel_error (predicted from the fp32 fits, before rounding to the dtype).
+  uint64_t budget = 0, budget_used = 0, certified_cost = 0;
+  double certified_rel_error = 0, lower_rel_error = 0;
+  size_t dropped = 0;  // changed layers left out of the file (budget mode)
 };
 
 // The fitted tensors of one layer, in file order (suffix → tensor in the compute dtype, cast on write).

@@ -13,6 +13,9 @@
 // Values: every input tensor must be finite and the factors floating point (FormatError naming the file,
 // module and key); every output tensor must be finite in the dtype the file holds it in (Error naming the
 // module and tensor when the resized factors or alpha overflow the input's dtypes).
+// Budget (--budget SIZE, docs/tools.md#budget): the new ranks of all LoRA modules are allocated together to
+// minimise Σ ‖ΔW − ΔW'‖² (the sum of the dropped σ²) with the output file, header included, at most the budget;
+// a module that gets rank 0 is left out of the file.
 // Rank rules: --dim N (N larger than the module's rank keeps its rank), --ratio X (σ_i > X·σ_1, X ∈ [0, 1]),
 // --threshold X (σ_i > X ≥ 0); at least 1 is kept.
 #pragma once
@@ -31,6 +34,7 @@ struct ResizeOptions {
   RankRule rule{RankMode::Fixed, 1};  // Fixed (--dim), Ratio or Threshold
   torch::Device device = torch::kCPU;
   int threads = 0;  // torch intra-op threads; 0 = leave as is
+  uint64_t budget_bytes = 0;  // > 0: budget mode (the rule is ignored)
 };
 
 struct ResizeModuleReport {
@@ -40,6 +44,8 @@ struct ResizeModuleReport {
   double retained_energy = 1;  // Σ_{i≤N} σ_i² / Σ σ_i² of ΔW (1 for copied modules)
   double delta_energy = 0;     // Σ σ_i² = ‖ΔW‖² before resizing
   bool resized = false;        // false: copied unchanged
+  bool dropped = false;        // budget mode: left out of the file
+  uint64_t bytes = 0;          // the module's tensor data in the output
   std::string note;
 };
 
@@ -47,6 +53,8 @@ struct ResizeReport {
   std::vector<ResizeModuleReport> modules;  // module-name order
   size_t resized = 0, copied = 0;
   double retained_energy = 1;  // over all resized modules: Σ kept σ² / Σ σ²
+  size_t dropped = 0;
+  uint64_t file_bytes = 0;     // the output file, header included
   double seconds = 0;
 };
 

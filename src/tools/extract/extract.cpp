@@ -11,7 +11,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 
 #include "exec/stopwatch.hpp"
@@ -22,6 +24,8 @@
 #include "lycoris/io/output_path.hpp"
 #include "lycoris/io/safetensors.hpp"
 #include "lycoris/naming.hpp"
+#include "lycoris/tools/budget.hpp"
+#include "tools/extract/budget_plan.hpp"
 #include "tools/tool_checks.hpp"
 #include "lycoris/text.hpp"
 
@@ -35,7 +39,10 @@ namespace {
 constexpr EnumName<ExtractAlgo> kExtractAlgos[] = {{ExtractAlgo::LoCon, "locon"},
                                                    {ExtractAlgo::LoCon, "lora"},
                                                    {ExtractAlgo::LoHa, "loha"},
-                                                   {ExtractAlgo::LoKr, "lokr"}};
+                                                   {ExtractAlgo::LoKr, "lokr"},
+                                                   {ExtractAlgo::Auto, "auto"}};
+constexpr EnumName<BudgetWeight> kBudgetWeights[] = {{BudgetWeight::None, "none"},
+                                                     {BudgetWeight::BaseNorm, "base-norm"}};
 }  // namespace
 
 ExtractAlgo parse_extract_algo(const std::string& name) {
@@ -47,6 +54,16 @@ ExtractAlgo parse_extract_algo(const std::string& name) {
 }
 
 const char* to_string(ExtractAlgo algo) { return enum_name(kExtractAlgos, algo); }
+
+BudgetWeight parse_budget_weight(const std::string& name) {
+  BudgetWeight w;
+  std::string known;
+  if (!parse_enum(kBudgetWeights, name, w, &known))
+    throw OptionError("--budget-weight: '" + escape_control(name) + "' is not one of " + known);
+  return w;
+}
+
+const char* to_string(BudgetWeight weight) { return enum_name(kBudgetWeights, weight); }
 
 std::string extract_module_name(const std::string& prefix, const std::string& path) {
   if (prefix == "kohya")
@@ -72,6 +89,14 @@ void check_options(const ExtractOptions& o) {
   if (!(o.loha_tol >= 0)) throw OptionError("--loha-tol: must be ≥ 0");
   if (o.prefix.empty()) throw OptionError("--prefix: must not be empty");
   if (o.threads < 0) throw OptionError("--threads: must be ≥ 0");
+  const bool budget = o.budget_bytes > 0 || o.budget_params > 0;
+  if (o.budget_bytes > 0 && o.budget_params > 0)
+    throw OptionError("--budget and --budget-params: give one of them");
+  if (o.algo == ExtractAlgo::Auto && !budget)
+    throw OptionError("--algo auto: chooses the algorithm per layer under a budget: give --budget or --budget-params");
+  if (budget && (o.tucker || o.sparse_bias))
+    throw OptionError(std::string(o.tucker ? "--tucker" : "--use-sparse-bias") +
+                      ": not available with a budget (docs/tools.md#budget)");
 }
 
 // Every weight key (and the bias of each) must be in both checkpoints.
@@ -108,7 +133,14 @@ std::string options_record(const ExtractOptions& o) {
   j["conv"] = o.conv_param;
   j["tucker"] = o.tucker;
   if (o.sparse_bias) j["sparsity"] = o.sparsity;
+  if (o.budget_bytes > 0) j["budget_bytes"] = o.budget_bytes;
+  if (o.budget_params > 0) j["budget_params"] = o.budget_params;
+  if (o.budget_bytes > 0 || o.budget_params > 0) j["budget_weight"] = to_string(o.budget_weight);
   return j.dump();
+}
+
+std::map<std::string, std::string> output_metadata(const ExtractOptions& o) {
+  return {{"lycoris_extract", options_record(o)}};
 }
 
 // Drops this process's pages of a tensor's bytes in a mapped input once the layer is done: the mapping is
@@ -230,7 +262,7 @@ double residual_norm(const torch::Tensor& D, const LayerFit& fit) {
 
 // The result of one layer, produced by a worker and consumed in base order.
 struct LayerOutcome {
-  enum Kind { Unchanged, Skipped, Extracted } kind = Unchanged;
+  enum Kind { Unchanged, Skipped, Dropped, Extracted } kind = Unchanged;
   ExtractLayerReport report;
   std::vector<std::pair<std::string, torch::Tensor>> stored;  // suffix → CPU tensor (output dtype)
   std::vector<std::pair<std::string, std::string>> deferred;  // suffix → key whose tuned − base is written
@@ -239,10 +271,14 @@ struct LayerOutcome {
   double err = 0;
 };
 
-LayerOutcome process_layer(const naming::BaseLayer& layer, const io::SafetensorsFile& base,
-                           const io::SafetensorsFile& tuned, const ExtractOptions& o, Workspace& ws) {
-  LayerOutcome out;
-  const exec::Stopwatch watch;
+// A changed layer's weight difference D (in the worker's buffer) and bias change (undefined without a bias);
+// D undefined when the layer is unchanged. The layer's input pages are released.
+struct LayerDelta {
+  torch::Tensor D, bias;
+};
+
+LayerDelta load_delta(const naming::BaseLayer& layer, const io::SafetensorsFile& base,
+                      const io::SafetensorsFile& tuned, const ExtractOptions& o, Workspace& ws) {
   const auto& bi = base.info(layer.weight_key);
   const auto& ti = tuned.info(layer.weight_key);
   auto done_with_inputs = [&] {
@@ -253,56 +289,83 @@ LayerOutcome process_layer(const naming::BaseLayer& layer, const io::Safetensors
   if (bi.dtype == ti.dtype && bi.nbytes() == ti.nbytes() &&
       std::memcmp(base.data(bi), tuned.data(ti), bi.nbytes()) == 0) {
     done_with_inputs();
-    return out;
+    return {};
   }
-  auto D = difference(base, tuned, layer.weight_key, o.device, ws.take(bi.shape, o.device));
-  const double dmax = max_abs(D);
+  LayerDelta d;
+  d.D = difference(base, tuned, layer.weight_key, o.device, ws.take(bi.shape, o.device));
+  const double dmax = max_abs(d.D);
   require_finite_difference(dmax, base, tuned, layer.weight_key);
-  if (unchanged(D, dmax, base, tuned, layer.weight_key)) {
+  if (unchanged(d.D, dmax, base, tuned, layer.weight_key)) {
     done_with_inputs();
-    return out;
+    return {};
   }
-  torch::Tensor bias_delta;
   if (!layer.bias_key.empty()) {
-    bias_delta = difference(base, tuned, layer.bias_key, o.device);
-    require_finite_difference(max_abs(bias_delta), base, tuned, layer.bias_key);
+    d.bias = difference(base, tuned, layer.bias_key, o.device);
+    require_finite_difference(max_abs(d.bias), base, tuned, layer.bias_key);
   }
   done_with_inputs();
+  return d;
+}
 
+// The report's first fields; Skipped (with the reason) for a layer the mode cannot extract.
+LayerOutcome changed_layer(const naming::BaseLayer& layer, const torch::Tensor& D, const ExtractOptions& o) {
+  LayerOutcome out;
   auto& lr = out.report;
   lr.module = extract_module_name(o.prefix, layer.path);
   lr.key = layer.weight_key;
-  lr.shape = bi.shape;
+  lr.shape = D.sizes().vec();
   lr.delta_norm = D.norm().item<double>();
   if (D.dim() > 5 || (D.dim() == 1 && o.mode != RankMode::Full)) {
     out.kind = LayerOutcome::Skipped;
     lr.form = "skipped";
     lr.note = D.dim() == 1 ? "1-D (norm) layers are extracted only in full mode"
                            : "weights with more than 5 dims are not Linear/Conv layers";
-    return out;
   }
+  return out;
+}
+
+// One layer by the mode's rule, or (budget mode) as the allocated candidate `chosen`.
+LayerOutcome process_layer(const naming::BaseLayer& layer, const io::SafetensorsFile& base,
+                           const io::SafetensorsFile& tuned, const ExtractOptions& o, Workspace& ws,
+                           const LayerCandidate* chosen = nullptr) {
+  const exec::Stopwatch watch;
+  auto delta = load_delta(layer, base, tuned, o, ws);
+  if (!delta.D.defined()) return {};
+  const auto& D = delta.D;
+  LayerOutcome out = changed_layer(layer, D, o);
+  if (out.kind == LayerOutcome::Skipped) return out;
+  auto& lr = out.report;
   LayerFit fit;
-  if (D.dim() == 1) {
+  if (chosen) {
+    fit = fit_candidate(D, delta.bias, *chosen, o);
+  } else if (D.dim() == 1) {
     fit.form = "norm";
     fit.tensors = {{"w_norm", D}};
-    if (bias_delta.defined()) fit.tensors.emplace_back("b_norm", bias_delta);
+    if (delta.bias.defined()) fit.tensors.emplace_back("b_norm", delta.bias);
   } else {
-    fit = extract_layer(D, bias_delta, o);
+    fit = extract_layer(D, delta.bias, o);
   }
   // what the file will hold: floats in the output dtype, all finite
-  for (auto& [suffix, t] : fit.tensors)
+  for (auto& [suffix, t] : fit.tensors) {
     if (torch::isFloatingType(t.scalar_type()))
       t = round_finite(t, o.dtype, "layer " + layer.weight_key, lr.module + "." + suffix,
                        "choose a wider --dtype (bf16, fp32)");
+    lr.params += static_cast<uint64_t>(t.numel());
+    lr.bytes += static_cast<uint64_t>(t.numel()) * static_cast<uint64_t>(t.element_size());
+  }
+  if (chosen && (lr.bytes != chosen->bytes || lr.params != chosen->params))
+    throw Error("budget: the fit of " + lr.module + " takes " + std::to_string(lr.bytes) + " bytes, not the " +
+                std::to_string(chosen->bytes) + " its plan counted (please report this)");
   out.kind = LayerOutcome::Extracted;
   out.err = residual_norm(D, fit);
+  const bool full = fit.form == "diff" || fit.form == "norm";
+  lr.algo = chosen ? to_string(chosen->algo) : full ? to_string(ExtractAlgo::LoCon) : to_string(o.algo);
   lr.form = fit.form;
   lr.rank = fit.rank;
   lr.note = fit.note;
   lr.rel_error = lr.delta_norm > 0 ? out.err / lr.delta_norm : 0;
-  const bool deferred = fit.form == "diff" || fit.form == "norm";
   for (auto& [suffix, t] : fit.tensors) {
-    if (deferred) {
+    if (full) {
       // recomputed from the mapped files while writing: tuned − base of the weight or of the bias
       const bool is_bias = suffix == "diff_b" || suffix == "b_norm";
       out.deferred.emplace_back(suffix, is_bias ? layer.bias_key : layer.weight_key);
@@ -339,7 +402,7 @@ std::vector<naming::BaseLayer> layers_to_extract(const io::SafetensorsFile& base
 uint64_t write_output(const std::string& output, const std::vector<OutputEntry>& entries, const ExtractOptions& o) {
   std::vector<io::TensorDecl> decls;
   for (const auto& e : entries) decls.push_back({e.key, e.dtype, e.shape});
-  io::SafetensorsWriter writer(output, decls, {{"lycoris_extract", options_record(o)}});
+  io::SafetensorsWriter writer(output, decls, output_metadata(o));
   uint64_t bytes = 0;
   for (const auto& e : entries) {
     auto t = e.tensor.defined() ? e.tensor : e.produce();
@@ -348,6 +411,150 @@ uint64_t write_output(const std::string& output, const std::vector<OutputEntry>&
   }
   writer.commit();
   return bytes;
+}
+
+// ---------------------------------------------------------------- budget mode (docs/tools.md#budget)
+
+bool budget_mode(const ExtractOptions& o) { return o.budget_bytes > 0 || o.budget_params > 0; }
+
+// What the allocation decided: per layer, the outcome known without a fit (unchanged, skipped, dropped) or the
+// candidate to fit.
+struct BudgetPlan {
+  std::vector<LayerOutcome> known;
+  std::vector<std::optional<LayerCandidate>> chosen;
+  BudgetAllocation allocation;
+  uint64_t budget = 0;  // for the layers: the budget less the file's fixed part (bytes mode)
+  uint64_t used = 0;    // the planned file's exact size (bytes mode) or its elements
+  double weighted_norm2 = 0;
+};
+
+struct LayerSurvey {
+  LayerOutcome outcome;  // Unchanged, Skipped, or Extracted (a candidate will be chosen)
+  std::vector<LayerCandidate> candidates;
+  std::vector<int64_t> bias_shape;
+  double weight = 1;
+};
+
+// The exact size of the file an allocation gives: the layouts of the chosen candidates in write order.
+uint64_t planned_size(const std::vector<LayerSurvey>& kept, const BudgetAllocation& a, const std::string& output,
+                      const ExtractOptions& o) {
+  std::vector<io::TensorDecl> decls;
+  for (size_t j = 0; j < kept.size(); ++j) {
+    if (a.choice[j] == 0) continue;
+    const auto& lr = kept[j].outcome.report;
+    for (const auto& [suffix, t] : candidate_layout(kept[j].candidates[a.choice[j] - 1], lr.shape,
+                                                    kept[j].bias_shape, o))
+      decls.push_back({lr.module + "." + suffix, io::from_torch(t.scalar_type()), t.sizes().vec()});
+  }
+  return io::safetensors_size(output, decls, output_metadata(o));
+}
+
+LayerSurvey survey_layer(const naming::BaseLayer& layer, const io::SafetensorsFile& base,
+                         const io::SafetensorsFile& tuned, const ExtractOptions& o, Workspace& ws,
+                         uint64_t max_offset) {
+  LayerSurvey s;
+  auto delta = load_delta(layer, base, tuned, o, ws);
+  if (!delta.D.defined()) return s;
+  s.outcome = changed_layer(layer, delta.D, o);
+  if (s.outcome.kind == LayerOutcome::Skipped) return s;
+  s.outcome.kind = LayerOutcome::Extracted;
+  if (delta.bias.defined()) s.bias_shape = delta.bias.sizes().vec();
+  s.candidates = layer_candidates(delta.D, s.bias_shape, s.outcome.report.module, o, max_offset,
+                                  [&](const LayerFit& fit) { return std::pow(residual_norm(delta.D, fit), 2); });
+  if (o.budget_weight == BudgetWeight::BaseNorm) {
+    const double w0 = base.tensor(layer.weight_key, torch::kFloat32).norm().item<double>();
+    release_pages(base, layer.weight_key);
+    if (w0 > 0) s.weight = 1 / (w0 * w0);
+  }
+  return s;
+}
+
+BudgetPlan plan_budget(const std::vector<naming::BaseLayer>& layers, const io::SafetensorsFile& base,
+                       const io::SafetensorsFile& tuned, const std::string& output, const ExtractOptions& o,
+                       int workers, std::vector<Workspace>& workspaces) {
+  BudgetPlan plan;
+  const bool bytes = o.budget_bytes > 0;
+  const std::string what = bytes ? "--budget" : "--budget-params";
+  plan.budget = bytes ? o.budget_bytes : o.budget_params;
+  if (bytes) {
+    // the file's fixed part: the length prefix, the metadata, the braces and at most 7 bytes of padding
+    const uint64_t fixed = io::safetensors_size(output, {}, output_metadata(o)) + 7;
+    if (fixed > plan.budget)
+      throw OptionError(what + ": " + std::to_string(plan.budget) + " bytes cannot hold even the file's header (" +
+                        std::to_string(fixed) + " bytes)");
+    plan.budget -= fixed;
+  }
+  exec::OrderedMap<LayerSurvey> surveys(layers.size(), workers, [&](size_t i, int worker) -> LayerSurvey {
+    try {
+      return survey_layer(layers[i], base, tuned, o, workspaces[static_cast<size_t>(worker)], o.budget_bytes);
+    } catch (...) {
+      rethrow_with_context({tuned.path(), base.path()}, "layer " + layers[i].weight_key);
+    }
+  });
+  std::vector<std::vector<BudgetChoice>> choices;
+  std::vector<size_t> index;  // choices[j] is layer index[j]
+  std::vector<LayerSurvey> kept;
+  plan.known.resize(layers.size());
+  plan.chosen.resize(layers.size());
+  for (size_t i = 0; i < layers.size(); ++i) {
+    auto s = surveys.take(i);
+    if (s.outcome.kind != LayerOutcome::Extracted) {
+      plan.known[i] = std::move(s.outcome);
+      continue;
+    }
+    const double d2 = s.weight * std::pow(s.outcome.report.delta_norm, 2);
+    plan.weighted_norm2 += d2;
+    std::vector<BudgetChoice> c{{0, d2}};  // dropped
+    for (const auto& x : s.candidates) c.push_back({bytes ? x.bytes + x.header : x.params, s.weight * x.error2});
+    choices.push_back(std::move(c));
+    index.push_back(i);
+    kept.push_back(std::move(s));
+  }
+  if (bytes) {
+    plan.allocation = allocate_exact(
+        choices, plan.budget, o.budget_bytes,
+        [&](const BudgetAllocation& a) { return planned_size(kept, a, output, o); }, what);
+    plan.used = planned_size(kept, plan.allocation, output, o);
+  } else {
+    plan.allocation = allocate_budget(choices, plan.budget, what);
+    plan.used = plan.allocation.cost;
+  }
+  size_t extracted = 0;
+  uint64_t smallest = UINT64_MAX;
+  for (size_t j = 0; j < index.size(); ++j) {
+    const size_t k = plan.allocation.choice[j];
+    for (size_t c = 1; c < choices[j].size(); ++c) smallest = std::min(smallest, choices[j][c].cost);
+    if (k > 0) {
+      plan.chosen[index[j]] = kept[j].candidates[k - 1];
+      ++extracted;
+      continue;
+    }
+    auto& out = plan.known[index[j]];
+    out = std::move(kept[j].outcome);
+    out.kind = LayerOutcome::Dropped;
+    out.report.form = "dropped";
+    out.report.rel_error = 1;
+    out.err = out.report.delta_norm;
+  }
+  if (extracted == 0 && !index.empty())
+    throw OptionError(what + ": " + std::to_string(bytes ? o.budget_bytes : o.budget_params) +
+                      " is too small for even one layer at rank 1 (the smallest takes " + std::to_string(smallest) +
+                      (bytes ? " bytes with its header entries)" : " parameters)"));
+  return plan;
+}
+
+// The file must hold what the plan counted: its exact size (bytes mode) or its elements (parameters mode).
+void check_within_budget(const std::string& output, const std::vector<OutputEntry>& entries, const ExtractOptions& o) {
+  std::vector<io::TensorDecl> decls;
+  uint64_t params = 0;
+  for (const auto& e : entries) {
+    decls.push_back({e.key, e.dtype, e.shape});
+    params += static_cast<uint64_t>(c10::multiply_integers(e.shape));
+  }
+  const uint64_t size = io::safetensors_size(output, decls, output_metadata(o));
+  if ((o.budget_bytes > 0 && size > o.budget_bytes) || (o.budget_params > 0 && params > o.budget_params))
+    throw Error("budget: the output would take " + std::to_string(size) + " bytes / " + std::to_string(params) +
+                " parameters, beyond the budget (please report this)");
 }
 
 }  // namespace
@@ -371,9 +578,14 @@ ExtractReport extract(const std::string& base_path, const std::string& tuned_pat
   exec::IntraOpThreads one_thread(1);
   exec::SingleThreadedBlas blas;  // layer-parallel workers: each BLAS call in its caller's thread
   std::vector<Workspace> workspaces(static_cast<size_t>(workers));
+  // budget mode: a first pass over the layers gives every candidate's cost and error, then the allocation
+  std::optional<BudgetPlan> plan;
+  if (budget_mode(o)) plan = plan_budget(layers, base, tuned, output, o, workers, workspaces);
   exec::OrderedMap<LayerOutcome> results(layers.size(), workers, [&](size_t i, int worker) -> LayerOutcome {
     try {
-      return process_layer(layers[i], base, tuned, o, workspaces[static_cast<size_t>(worker)]);
+      if (plan && !plan->chosen[i]) return plan->known[i];
+      return process_layer(layers[i], base, tuned, o, workspaces[static_cast<size_t>(worker)],
+                           plan ? &*plan->chosen[i] : nullptr);
     } catch (...) {
       rethrow_with_context({tuned.path(), base.path()}, "layer " + layers[i].weight_key);
     }
@@ -397,6 +609,7 @@ ExtractReport extract(const std::string& base_path, const std::string& tuned_pat
         throw KeyError("extract: two layers map to the module name '" + lr.module + "' (colliding paths)");
       err2 += r.err * r.err;
       norm2 += lr.delta_norm * lr.delta_norm;
+      if (r.kind == LayerOutcome::Dropped) ++report.dropped;
       for (auto& [suffix, t] : r.stored)
         entries.push_back({lr.module + "." + suffix, io::from_torch(t.scalar_type()), t.sizes().vec(), t, {}});
       for (size_t k = 0; k < r.deferred.size(); ++k) {
@@ -413,9 +626,25 @@ ExtractReport extract(const std::string& base_path, const std::string& tuned_pat
     if (on_layer) on_layer(lr);
   }
   report.total_rel_error = norm2 > 0 ? std::sqrt(err2 / norm2) : 0;
+  if (plan) {
+    check_within_budget(output, entries, o);
+    const auto& a = plan->allocation;
+    const uint64_t fixed = o.budget_bytes > 0 ? o.budget_bytes - plan->budget : 0;
+    report.budget = o.budget_bytes > 0 ? o.budget_bytes : o.budget_params;
+    report.budget_used = plan->used;
+    report.certified_cost = a.certified_cost + fixed;
+    const double n2 = plan->weighted_norm2;
+    report.certified_rel_error = n2 > 0 ? std::sqrt(a.certified_error / n2) : 0;
+    report.lower_rel_error = n2 > 0 ? std::sqrt(a.lower_bound / n2) : 0;
+  }
 
   report.bytes_written = write_output(output, entries, o);
   report.tensors_written = entries.size();
+  {
+    std::vector<io::TensorDecl> decls;
+    for (const auto& e : entries) decls.push_back({e.key, e.dtype, e.shape});
+    report.file_bytes = io::safetensors_size(output, decls, output_metadata(o));
+  }
   report.seconds = watch.seconds();
   return report;
 }

@@ -136,6 +136,10 @@ KronSplit kron_split(const torch::Tensor& D, int64_t factor) {
   return {a, p, c, q};
 }
 
+bool lokr_stores_full_w2(const KronSplit& s, int64_t rank) {
+  return static_cast<double>(rank) >= static_cast<double>(std::max(s.p, s.q)) / 2.0;
+}
+
 torch::Tensor kron_rearrange(const torch::Tensor& D, const KronSplit& s) {
   const int64_t k = numel_of(kernel_of(D));
   return D.reshape({s.a, s.p, s.c, s.q, k}).permute({0, 2, 1, 3, 4}).reshape({s.a * s.c, s.p * s.q * k});
@@ -255,7 +259,7 @@ LoKrFactors fit_lokr_factors(const torch::Tensor& D_, int64_t rank, const Extrac
                  ("at most min(p, q) of W2 (" + std::to_string(s.p) + ", " + std::to_string(s.q) + ")").c_str());
   auto R = kron_rearrange(D, s);
   auto [w1, w2] = nearest_kronecker(R, o);
-  const bool full_w2 = static_cast<double>(rank) >= static_cast<double>(std::max(s.p, s.q)) / 2.0;
+  const bool full_w2 = lokr_stores_full_w2(s, rank);
   F::SVD w2_svd;
   if (!full_w2) {
     // Alternate the two exact partial minimisers: ‖D − W1⊗W2‖² = ‖R‖² − 2·w1ᵀRw2 + ‖w1‖²‖w2‖².

@@ -52,6 +52,8 @@ struct KronSplit {
   int64_t a, p, c, q;
 };
 KronSplit kron_split(const torch::Tensor& D, int64_t factor);
+// Whether LoKr's fit at `rank` stores W2 whole (r ≥ max(p, q)/2, the writer's rule) rather than w2_a·w2_b.
+bool lokr_stores_full_w2(const KronSplit& split, int64_t rank);
 // D rearranged so that W1 ⊗ W2 becomes vec(W1)·vec(W2)ᵀ: R[(u,v), (x,y,κ)] = D[u·p+x, v·q+y, κ] (a·c, p·q·k).
 torch::Tensor kron_rearrange(const torch::Tensor& D, const KronSplit& split);
 // The nearest Kronecker product (Van Loan & Pitsianis): the top singular triple of R split evenly,
