@@ -126,11 +126,8 @@ void DataParallel::Reducer::launch(size_t b) {
       slot.zero_();  // no gradient on this rank this time (module dropout): it adds nothing
   }
   std::vector<torch::Tensor> ts{bucket.flat};
-  try {
-    bucket.work = group->impl().group->allreduce(ts);
-  } catch (const std::exception& e) {
-    group->impl().fail(bucket_what(b, buckets.size()), e);
-  }
+  auto& g = group->impl();
+  bucket.work = g.start(bucket_what(b, buckets.size()), [&] { return g.group->allreduce(ts); });
   stats.bytes += bucket.numel * static_cast<int64_t>(bucket.flat.element_size());
 }
 

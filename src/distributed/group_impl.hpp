@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <exception>
+#include <functional>
 #include <string>
 
 #include "lycoris/distributed.hpp"
@@ -20,6 +21,9 @@ struct ProcessGroup::Impl {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::ProcessGroup> group;
 
+  // Starts a collective; an exception becomes fail(what, …).
+  c10::intrusive_ptr<c10d::Work> start(const std::string& what,
+                                       const std::function<c10::intrusive_ptr<c10d::Work>()>& launch);
   // Waits for `work` (at most the timeout); a failure becomes fail(what, …).
   void wait(const c10::intrusive_ptr<c10d::Work>& work, const std::string& what);
   // "distributed: <what> failed on rank r of n: <reason>; <ranks that did not answer>" as a DistributedError.

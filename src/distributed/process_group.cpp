@@ -254,41 +254,32 @@ void ProcessGroup::Impl::wait(const c10::intrusive_ptr<c10d::Work>& work, const 
   }
 }
 
+c10::intrusive_ptr<c10d::Work> ProcessGroup::Impl::start(const std::string& what,
+                                                         const std::function<c10::intrusive_ptr<c10d::Work>()>& launch) {
+  try {
+    return launch();
+  } catch (const std::exception& e) {
+    fail(what, e);
+  }
+}
+
 void ProcessGroup::broadcast(torch::Tensor& tensor, int64_t root, const std::string& what) {
   std::vector<torch::Tensor> ts{tensor};
   c10d::BroadcastOptions bo;
   bo.rootRank = root;
-  c10::intrusive_ptr<c10d::Work> work;
-  try {
-    work = impl_->group->broadcast(ts, bo);
-  } catch (const std::exception& e) {
-    impl_->fail(what, e);
-  }
-  impl_->wait(work, what);
+  impl_->wait(impl_->start(what, [&] { return impl_->group->broadcast(ts, bo); }), what);
 }
 
 void ProcessGroup::all_reduce_sum(torch::Tensor& tensor, const std::string& what) {
   std::vector<torch::Tensor> ts{tensor};
-  c10::intrusive_ptr<c10d::Work> work;
-  try {
-    work = impl_->group->allreduce(ts);
-  } catch (const std::exception& e) {
-    impl_->fail(what, e);
-  }
-  impl_->wait(work, what);
+  impl_->wait(impl_->start(what, [&] { return impl_->group->allreduce(ts); }), what);
 }
 
 std::vector<torch::Tensor> ProcessGroup::all_gather(const torch::Tensor& tensor, const std::string& what) {
   std::vector<torch::Tensor> in{tensor.contiguous()};
   std::vector<std::vector<torch::Tensor>> out(1);
   for (int64_t r = 0; r < world_size(); ++r) out[0].push_back(torch::empty_like(in[0]));
-  c10::intrusive_ptr<c10d::Work> work;
-  try {
-    work = impl_->group->allgather(out, in);
-  } catch (const std::exception& e) {
-    impl_->fail(what, e);
-  }
-  impl_->wait(work, what);
+  impl_->wait(impl_->start(what, [&] { return impl_->group->allgather(out, in); }), what);
   return out[0];
 }
 
