@@ -1,11 +1,10 @@
 // TorchScript hosts (lycoris/jit.hpp): the train step of train_bench's model as a TorchScript module against
 // the same torch::nn model (rebuild mode both; the TorchScript one with the graph executor's optimizer on, as
-// by default, and off), and the cost of switching between two adapter files on a TorchScript model of 100
-// Linear layers against recomputing those layers' weights once (refresh). torch::set_num_threads(2), or
-// LYCORIS_BENCH_THREADS.
+// by default, and off in lycoris::torchscript::TrainingScope), and the cost of switching between two adapter
+// files on a TorchScript model of 100 Linear layers against recomputing those layers' weights once
+// (refresh). torch::set_num_threads(2), or LYCORIS_BENCH_THREADS.
 //   ./build/bench/jit_bench [--benchmark_filter=switch]
 #include <benchmark/benchmark.h>
-#include <torch/csrc/jit/runtime/graph_executor.h>
 #include <torch/script.h>
 #include <torch/torch.h>
 
@@ -13,6 +12,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <optional>
 
 #include "bench_model.hpp"
 #include "lycoris/jit.hpp"
@@ -82,11 +82,13 @@ lycoris::AdapterOptions algo_options(const std::string& algo) {
 
 // One train step (forward, backward, AdamW, on_step) of `algo` in rebuild mode; empty algo: the frozen model's
 // forward and backward alone.
-enum class Host { TorchNn, TorchScript, TorchScriptNoOptimizer };
+enum class Host { TorchNn, TorchScript, TorchScriptTrainingScope };
 
 void train_step(benchmark::State& state, const std::string& algo, Host host) {
-  // the graph executor's optimizations (profiling, autodiff subgraphs) cost training time (docs/training.md#torchscript)
-  torch::jit::GraphOptimizerEnabledGuard optimizer(host != Host::TorchScriptNoOptimizer);
+  // the graph executor's optimizations (profiling, autodiff subgraphs) cost training time; TrainingScope turns
+  // them off (docs/training.md#torchscript-speed)
+  std::optional<lycoris::torchscript::TrainingScope> training;
+  if (host == Host::TorchScriptTrainingScope) training.emplace();
   const bool scripted = host != Host::TorchNn;
   torch::manual_seed(0);
   auto nn = std::make_shared<Plain>();
@@ -173,7 +175,7 @@ void refresh_one(benchmark::State& state, bool lora) {
 void register_all() {
   const std::pair<Host, const char*> hosts[] = {{Host::TorchNn, "torch_nn"},
                                                 {Host::TorchScript, "torchscript"},
-                                                {Host::TorchScriptNoOptimizer, "torchscript_no_optimizer"}};
+                                                {Host::TorchScriptTrainingScope, "torchscript_training_scope"}};
   for (const std::string algo : {"", "lora", "lokr"})
     for (const auto& [host, label] : hosts) {
       const std::string name = "train_step/" + (algo.empty() ? std::string("no_adapter") : algo) + "/" + label;

@@ -4,7 +4,6 @@
 //   ./build/examples/torchscript [model.pt [out_dir]]
 // The default model is tests/data/torchscript/net_scripted.pt (input [B, 3, 8, 8], output [B, 10]), made by
 //   torch.jit.script(Net()).save("net_scripted.pt")          # or torch.jit.trace(net, example_input)
-#include <torch/csrc/jit/runtime/graph_executor.h>
 #include <torch/script.h>
 #include <torch/torch.h>
 
@@ -30,9 +29,9 @@ torch::Tensor run(torch::jit::Module& model, const torch::Tensor& x) {
 // A few AdamW steps of a new adapter that pulls the model's outputs towards `target`; saved to `file`.
 void train(torch::jit::Module& model, const torch::Tensor& x, const torch::Tensor& target,
            lycoris::AdapterOptions algo, const std::string& file) {
-  // The graph executor's optimizations make training steps slower; without them a step costs what it costs
-  // on the same torch::nn model (docs/training.md#torchscript-speed).
-  torch::jit::GraphOptimizerEnabledGuard no_optimizer(false);
+  // Training steps run op by op: a step costs what it costs on the same torch::nn model
+  // (docs/training.md#torchscript-speed).
+  lycoris::torchscript::TrainingScope training;
   auto net = lycoris::create_lycoris(model, 1.0, 4, 4.0, lycoris::NetworkOptions().module(algo));
   net->apply_to();  // the scripted forward reads W0 + ΔW from the layers' weight slots
   torch::optim::AdamW opt(net->parameters(), torch::optim::AdamWOptions(1e-2));

@@ -22,6 +22,38 @@ Algorithm glora_algorithm();     // modules/glora.cpp
 Algorithm dylora_algorithm();    // modules/dylora.cpp (never detected: its files are LoRA files)
 Algorithm glokr_algorithm();     // modules/glokr.cpp  (ours: docs/glokr.md)
 
+const std::vector<std::pair<std::string, std::string>>& known_traits() {
+  static const std::vector<std::pair<std::string, std::string>> all = {
+      {"linear", "the layer is a Linear (2-D weight)"},
+      {"conv1d", "the layer is a Conv1d (3-D weight)"},
+      {"conv2d", "the layer is a Conv2d (4-D weight)"},
+      {"conv3d", "the layer is a Conv3d (5-D weight)"},
+      {"tucker", "a Tucker core: lora_mid, hada_t1/hada_t2 or lokr_t2"},
+      {"dora", "a dora_scale (DoRA), either axis"},
+      {"dora-out", "dora_scale (out, 1, …): DoRA per output row"},
+      {"dora-in", "dora_scale (1, in, …): DoRA per input column (LyCORIS < 3.2)"},
+      {"no-alpha", "a rank-r module without alpha (scale 1)"},
+      {"alpha-not-rank", "a rank-r module with alpha ≠ r (scale ≠ 1)"},
+      {"sparse-bias", "bias_indices/bias_values: a sparse residual added to ΔW (docs/format.md#sparse-bias)"},
+      {"conv-up-2d", "a conv LoRA with a 2-D lora_up (O, r) (DyLoRA's conv files)"},
+      {"lokr-w2-whole-kernel", "LoKr with a whole lokr_w2 that carries the kernel (3-D or more)"},
+      {"lokr-whole-factors-alpha", "LoKr with both factors whole (scale 1) and a stored alpha ≠ 1"},
+      {"lokr-rank1-alpha", "LoKr of rank 1 with alpha ≠ 1"},
+      {"lokr-ranks-differ", "LoKr with lokr_w1_b and lokr_w2_b of different ranks (the scale reads lokr_w1_b's)"},
+      {"diff-b", "Full with a bias difference diff_b"},
+      {"rescale", "Diag-OFT/BOFT with a rescale vector"},
+      {"constraint-zero", "Diag-OFT/BOFT without a constraint (alpha 0 or absent)"},
+      {"constraint-below-q", "Diag-OFT/BOFT whose constraint alpha is below ‖Q‖ (a clip at alpha, not alpha·O, binds)"},
+      {"no-b-norm", "Norm without b_norm"},
+  };
+  return all;
+}
+
+std::string layer_kind_trait(int64_t dims) {
+  static const char* const kinds[] = {"linear", "conv1d", "conv2d", "conv3d"};
+  return dims >= 2 && dims <= 5 ? kinds[dims - 2] : "";
+}
+
 const std::vector<Algorithm>& algorithms() {
   static const std::vector<Algorithm> all = {
       lora_algorithm(), loha_algorithm(),     ia3_algorithm(),  lokr_algorithm(),  full_algorithm(),

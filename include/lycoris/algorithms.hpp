@@ -2,19 +2,18 @@
 #pragma once
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "lycoris/adapter.hpp"
 
 namespace lycoris {
 
-// Where another loader (the reference's tools, ComfyUI, sd-webui, stable-diffusion.cpp, kohya, PEFT) reads a
-// module differently from the reference's training-time forward (docs/loaders.md#summary), for `check`.
-struct LoaderNote {
-  std::string topic;  // short, shared by every module with the same note
-  std::string text;
-};
-using LoaderNotes = std::vector<LoaderNote>;
+// Facts about one module of a file that decide how other programs read it ("tucker", "dora-out", "conv1d", ...;
+// known_traits() lists and explains every name). The per-loader rule tables (tools/loader_rules.hpp,
+// docs/loaders.md#matrix) match on them: the registry says what a module is, the tables what each loader does
+// with it.
+using Traits = std::vector<std::string>;
 
 // A module in PEFT's form (`convert --to peft`): the same suffixes, in PEFT's shapes, with the LyCORIS scale
 // folded into one factor (PEFT files carry no alpha); or the reason PEFT cannot express the module.
@@ -42,8 +41,9 @@ struct Algorithm {
   // The options (keys of LYCORIS_MODULE_OPTIONS, options.hpp) it reads besides rank, alpha and the ones every
   // module reads; setting another one warns (docs/training.md#option-checks).
   std::vector<std::string> options;
-  // How other loaders read a module of it differently (null: no difference known).
-  std::function<LoaderNotes(const std::string& module, const TensorMap&)> loader_notes;
+  // The module's traits (names from known_traits(); the layer kind when the stored shapes show it). Throws
+  // lycoris::Error when a value it needs is unreadable (the loader reports the same module as malformed).
+  std::function<Traits(const std::string& module, const TensorMap&)> traits;
   // PEFT's form of a module at LyCORIS scale `scale` (null: PEFT has no such adapter, `peft_refusal` says why).
   std::function<PeftForm(const TensorMap&, double scale)> to_peft;
   // A module read from a PEFT file (LyCORIS suffixes, PEFT shapes, no alpha) made a LyCORIS module at PEFT
@@ -51,6 +51,11 @@ struct Algorithm {
   std::function<void(TensorMap&, double scale)> from_peft;
   std::string peft_refusal;
 };
+
+// Every trait name an algorithm's `traits` may report, with its meaning: (name, meaning).
+const std::vector<std::pair<std::string, std::string>>& known_traits();
+// The layer-kind trait of a weight with `dims` dimensions: "linear", "conv1d", "conv2d", "conv3d" ("" otherwise).
+std::string layer_kind_trait(int64_t dims);
 
 // All algorithms, in detection order.
 const std::vector<Algorithm>& algorithms();

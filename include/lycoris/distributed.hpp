@@ -153,8 +153,9 @@ class DataParallel {
   // Broadcasts the adapter parameters and buffers and DyLoRA's active blocks from rank 0.
   void broadcast_from_rank0();
 
-  // The adapter structure compared across ranks: one line per module.
-  std::vector<std::string> fingerprint() const;
+  // The adapter structure compared across ranks: lycoris::network_structure (checkpoint.hpp) and which
+  // parameters train.
+  std::string structure() const;
   const CommStats& stats() const;
   void reset_stats();
   int64_t buckets() const;

@@ -44,6 +44,8 @@ class HostLayer {
   // Merging a bias change into a layer without bias: its forward reads `bias` from now on, registered as
   // its parameter "bias" when the layer allows it (false when not).
   virtual bool add_bias(const torch::Tensor& bias, bool requires_grad) = 0;
+  // Why add_bias would fail on this layer, or "" when it would not: asked before merging writes anything.
+  virtual std::string bias_refusal() const { return ""; }
   // Bypass mode: where the adapters attach, or nullptr when the layer's forward cannot ask them (the
   // network then binds in rebuild mode).
   virtual nn::BypassHost* bypass() { return nullptr; }

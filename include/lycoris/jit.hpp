@@ -47,6 +47,25 @@ LycorisNetwork create_lycoris_from_weights(const torch::jit::Module& model, cons
 
 namespace torchscript {
 
+// Hold one while training a TorchScript model (docs/training.md#torchscript-speed). By default the graph
+// executor profiles the code and runs it through autodiff subgraphs, which makes a training step 30–40 %
+// slower than on the same torch::nn model; in this scope (on this thread: the setting is thread-local) the
+// code runs op by op under ordinary autograd, so a step costs what it costs in torch::nn and computes the
+// same numbers. Inference (NoGradGuard, apply/switch/merge) does not need it.
+//
+//   lycoris::torchscript::TrainingScope training;
+//   for (...) { loss(model.forward({x}).toTensor()).backward(); net->step(opt); }
+class TrainingScope {
+ public:
+  TrainingScope();
+  ~TrainingScope();
+  TrainingScope(const TrainingScope&) = delete;
+  TrainingScope& operator=(const TrainingScope&) = delete;
+
+ private:
+  bool previous_;  // the thread's setting before, restored on destruction
+};
+
 // True when `path` starts like a ZIP archive (PyTorch's .pt format); false for anything else, also when
 // the file cannot be read.
 bool is_archive(const std::string& path);

@@ -139,6 +139,10 @@ class LycorisNetworkImpl : public torch::nn::Module {
   void step(torch::optim::Optimizer& optimizer);
   bool applied() const { return applied_; }
   bool merged() const { return merged_; }
+  // The default random generators' states (CPU, and each other device the adapters live on) just before
+  // the bound weights were last computed (refresh, apply_to, to): a training checkpoint (checkpoint.hpp)
+  // restores them and refreshes to redraw the same dropouts. Empty before the first computation.
+  const std::vector<std::pair<torch::Device, torch::Tensor>>& rng_before_refresh() const;
   // True when an adapter parameter changed (optimizer step) since the bound weights were computed: the
   // model's forward would read old weights. eval()/train(), save_weights, merge_to and summary refresh them.
   bool stale() const;
@@ -181,6 +185,7 @@ class LycorisNetworkImpl : public torch::nn::Module {
   void bind_(const NetworkModule& m, bool bypass);
 
   void refresh_if_stale_() const;
+  void recompute_moved_();  // after to(): every bound layer against the moved weights
   void check_placement_() const;
 
   HostModulePtr model_;

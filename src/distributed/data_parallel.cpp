@@ -10,6 +10,7 @@
 #include <mutex>
 
 #include "distributed/group_impl.hpp"
+#include "lycoris/checkpoint.hpp"
 #include "lycoris/modules/dylora.hpp"
 #include "lycoris/text.hpp"
 
@@ -175,22 +176,15 @@ DataParallel::DataParallel(LycorisNetwork network, ProcessGroupPtr group, DataPa
 
 DataParallel::~DataParallel() = default;
 
-std::vector<std::string> DataParallel::fingerprint() const {
-  std::vector<std::string> lines;
-  for (const auto& m : network_->modules()) {
-    std::string line = m.name + " " + m.algo;
-    for (const auto& p : m.adapter->named_parameters())
-      line += " " + p.key() + shape_text(p.value().sizes().vec()) + "/" + c10::toString(p.value().scalar_type()) +
-              (p.value().requires_grad() ? "" : "(frozen)");
-    for (const auto& b : m.adapter->named_buffers())
-      line += " " + b.key() + shape_text(b.value().sizes().vec()) + "/" + c10::toString(b.value().scalar_type());
-    lines.push_back(std::move(line));
-  }
-  return lines;
+std::string DataParallel::structure() const {
+  // the checkpoint's structure text, plus which parameters train (they decide the buckets)
+  std::string trainable;
+  for (const auto& p : network_->named_parameters()) trainable += p.value().requires_grad() ? "1" : "0";
+  return network_structure(*network_) + "trainable " + trainable + "\n";
 }
 
 void DataParallel::check_structure_() {
-  const auto mine = join(fingerprint(), "\n");
+  const auto mine = structure();
   const std::string what = "comparing the adapter structure";
   auto size = torch::tensor({static_cast<int64_t>(mine.size())}, torch::kLong).to(group_->device());
   auto sizes = group_->all_gather(size, what);
@@ -199,29 +193,15 @@ void DataParallel::check_structure_() {
   auto bytes = torch::zeros({longest}, torch::kUInt8);
   std::memcpy(bytes.data_ptr(), mine.data(), mine.size());
   auto texts = group_->all_gather(bytes.to(group_->device()), what);
-  auto lines_of = [&](size_t r) {
+  auto text_of = [&](size_t r) {
     auto t = texts[r].cpu();
-    std::string s(static_cast<const char*>(t.data_ptr()), static_cast<size_t>(sizes[r].item<int64_t>()));
-    std::vector<std::string> lines;
-    for (size_t at = 0; at <= s.size();) {
-      const size_t end = std::min(s.find('\n', at), s.size());
-      lines.push_back(s.substr(at, end - at));
-      at = end + 1;
-    }
-    return lines;
+    return std::string(static_cast<const char*>(t.data_ptr()), static_cast<size_t>(sizes[r].item<int64_t>()));
   };
-  const auto reference = lines_of(0);
+  const auto reference = text_of(0);
   for (size_t r = 1; r < texts.size(); ++r) {
-    const auto other = lines_of(r);
-    if (other == reference) continue;
-    size_t i = 0;
-    while (i < reference.size() && i < other.size() && reference[i] == other[i]) ++i;
-    auto describe = [&](const std::vector<std::string>& ls) {
-      return i < ls.size() ? "'" + ls[i] + "'" : std::string("no such module");
-    };
-    throw DistributedError("distributed: the adapter of rank " + std::to_string(r) +
-                           " differs from rank 0's at module " + std::to_string(i + 1) + ": rank 0 has " +
-                           describe(reference) + ", rank " + std::to_string(r) + " has " + describe(other) +
+    const auto diff = structure_difference(reference, text_of(r), "rank 0", "rank " + std::to_string(r));
+    if (diff.empty()) continue;
+    throw DistributedError("distributed: the adapter of rank " + std::to_string(r) + " differs from rank 0's: " + diff +
                            " (every rank must build the same network: model, preset and options)");
   }
 }

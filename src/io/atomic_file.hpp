@@ -72,4 +72,8 @@ class AtomicFile {
   char* registered_ = nullptr;   // tmp_'s slot in the signal handler's list, while the name exists
 };
 
+// `bytes` as the whole content of `path`, through an AtomicFile: the old file (if any) or the new one, never a
+// mix. IOError naming `path` on failure.
+void write_atomically(const std::string& path, const std::string& bytes);
+
 }  // namespace lycoris::io::detail

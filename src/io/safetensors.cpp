@@ -415,6 +415,15 @@ void AtomicFile::commit(uint64_t size) {
   }
 }
 
+void write_atomically(const std::string& path, const std::string& bytes) {
+  AtomicFile out(path);
+  if (const int err = pwrite_all(out.fd(), reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), 0)) {
+    errno = err;
+    out.fail("write failed");
+  }
+  out.commit(bytes.size());
+}
+
 }  // namespace detail
 
 void remove_temporaries_on_signals(std::initializer_list<int> signals) {

@@ -64,7 +64,7 @@ Algorithm boft_algorithm() {
   };
   a.supports = supports_weight_layer;
   a.options = {"constraint", "rescaled"};
-  a.loader_notes = oft_loader_notes;
+  a.traits = oft_traits;
   a.peft_refusal = peft_lacks(a.name, "OFT/BOFT rotate the input side with other tensors");
   return a;
 }

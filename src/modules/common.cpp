@@ -79,10 +79,15 @@ double alpha_or_nan(const std::string& module, const TensorMap& tensors) {
   return a.defined() ? functional::scalar_value(a, module, "alpha") : std::nan("");
 }
 
-void note_missing_alpha(LoaderNotes& notes, int64_t rank, double alpha) {
-  if (rank > 0 && std::isnan(alpha))
-    notes.push_back({"no alpha", "the reference LyCORIS loader crashes without alpha (docs/loaders.md#q31-loader-crashes); "
-                                 "this tool, ComfyUI and sd-webui use scale 1 (alpha = rank)"});
+void add_alpha_traits(Traits& traits, int64_t rank, double alpha) {
+  if (rank <= 0) return;
+  if (std::isnan(alpha)) traits.push_back("no-alpha");
+  else if (alpha != static_cast<double>(rank)) traits.push_back("alpha-not-rank");
+}
+
+void add_kind_trait(Traits& traits, const torch::Tensor& weight_like) {
+  if (!weight_like.defined()) return;
+  if (auto kind = layer_kind_trait(weight_like.dim()); !kind.empty()) traits.push_back(kind);
 }
 
 torch::Tensor folded(const torch::Tensor& x, double s) {

@@ -37,11 +37,14 @@ AdapterPtr create_adapter(const LayerSpec& layer, const AdapterOptions& options)
 int64_t stored_size(const TensorMap& tensors, std::initializer_list<const char*> keys, int64_t dim = 0);
 bool supports_weight_layer(const LayerSpec& layer);
 
-// For the registry's loader notes and PEFT forms (algorithms.hpp):
+// For the registry's traits and PEFT forms (algorithms.hpp):
 // The stored alpha of a module's tensors, NaN when it has none.
 double alpha_or_nan(const std::string& module, const TensorMap& tensors);
-// The note every rank-r algorithm shares: the reference's loader crashes without alpha.
-void note_missing_alpha(LoaderNotes& notes, int64_t rank, double alpha);
+// The alpha traits every rank-r algorithm shares: "no-alpha", "alpha-not-rank".
+void add_alpha_traits(Traits& traits, int64_t rank, double alpha);
+// The layer-kind trait ("linear", "conv1d", "conv2d", "conv3d") of a tensor laid out like the layer's weight
+// (out, in, *kernel), from its number of dimensions; nothing for other counts.
+void add_kind_trait(Traits& traits, const torch::Tensor& weight_like);
 // x·s computed in fp64, stored back in x's dtype (one rounding): a scale folded into a factor.
 torch::Tensor folded(const torch::Tensor& x, double s);
 // The (unsupported) reason of an algorithm PEFT has no adapter for.

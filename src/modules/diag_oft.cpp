@@ -55,7 +55,7 @@ Algorithm diag_oft_algorithm() {
   };
   a.supports = supports_weight_layer;
   a.options = {"constraint", "rescaled", "rank_dropout"};
-  a.loader_notes = oft_loader_notes;
+  a.traits = oft_traits;
   a.peft_refusal = peft_lacks(a.name, "OFT/BOFT rotate the input side with other tensors");
   return a;
 }

@@ -68,11 +68,11 @@ Algorithm full_algorithm() {
   a.rank = [](const TensorMap&) -> int64_t { return 0; };
   a.supports = supports_weight_layer;
   a.options = {};
-  a.loader_notes = [](const std::string&, const TensorMap& t) {
-    LoaderNotes notes;
-    if (t.count("diff_b"))
-      notes.push_back({"Full with diff_b", "the reference LyCORIS merge crashes on Full modules with a bias (docs/loaders.md#q24-full-broken)"});
-    return notes;
+  a.traits = [](const std::string&, const TensorMap& t) {
+    Traits traits;
+    add_kind_trait(traits, fn::optional(t, "diff"));
+    if (t.count("diff_b")) traits.push_back("diff-b");
+    return traits;
   };
   a.peft_refusal = peft_lacks("full", "LoRA-family files have no such tensors");
   return a;

@@ -200,9 +200,7 @@ Algorithm glokr_algorithm() {
   };
   a.supports = supports_weight_layer;
   a.options = lokr_options();
-  a.loader_notes = [](const std::string&, const TensorMap&) {
-    return LoaderNotes{{"GLoKr", "lycoris-cpp's own algorithm (docs/glokr.md): no other loader reads it"}};
-  };
+  a.traits = [](const std::string&, const TensorMap&) { return Traits{}; };
   a.peft_refusal = peft_lacks("glokr", "LoRA-family files have no such tensors");
   return a;
 }

@@ -94,11 +94,10 @@ Algorithm glora_algorithm() {
   a.rank = [](const TensorMap& t) { return stored_size(t, {"a2.weight"}); };
   a.supports = supports_weight_layer;
   a.options = {"use_scalar", "rs_lora", "dropout", "rank_dropout", "rank_dropout_scale"};
-  a.loader_notes = [](const std::string& module, const TensorMap& t) {
-    LoaderNotes notes{{"GLoRA", "sd-webui reads the old GLoRA layout (shape error on current files) and ignores alpha; "
-                                "PEFT's GLoRA is a different algorithm; stable-diffusion.cpp has no GLoRA"}};
-    note_missing_alpha(notes, stored_size(t, {"a2.weight"}), alpha_or_nan(module, t));
-    return notes;
+  a.traits = [](const std::string& module, const TensorMap& t) {
+    Traits traits;
+    add_alpha_traits(traits, stored_size(t, {"a2.weight"}), alpha_or_nan(module, t));
+    return traits;
   };
   a.peft_refusal = peft_lacks("glora", "GLoRA is a different algorithm");
   return a;

@@ -77,10 +77,13 @@ Algorithm ia3_algorithm() {
   a.rank = [](const TensorMap&) -> int64_t { return 0; };
   a.supports = supports_weight_layer;
   a.options = {"train_on_input"};
-  a.loader_notes = [](const std::string&, const TensorMap&) {
-    return LoaderNotes{{"(IA)^3", "ComfyUI and stable-diffusion.cpp do not load (IA)^3 ('lora key not loaded'); the "
-                                  "reference LyCORIS cannot load it (docs/loaders.md#q10-ia3-unreachable); PEFT's ia3_l = 1 + weight; sd-webui does not "
-                                  "broadcast conv vectors"}};
+  a.traits = [](const std::string&, const TensorMap& t) {
+    Traits traits;
+    // a Linear's vector is (C,), a conv's (1, C, 1, …) with the weight's dims
+    auto w = fn::optional(t, "weight");
+    if (w.defined() && w.dim() == 1) traits.push_back("linear");
+    else add_kind_trait(traits, w);
+    return traits;
   };
   a.peft_refusal = peft_lacks("ia3", "IA3 is a separate tuner with multiplicative ia3_l = 1 + w");
   return a;

@@ -149,11 +149,12 @@ Algorithm loha_algorithm() {
   a.rank = [](const TensorMap& t) { return stored_size(t, {"hada_w1_b"}); };
   a.supports = supports_weight_layer;
   a.options = low_rank_options();
-  a.loader_notes = [](const std::string& module, const TensorMap& t) {
-    const int64_t rank = stored_size(t, {"hada_w1_b"});
-    auto notes = low_rank_loader_notes("loha", module, t, rank);
-    note_missing_alpha(notes, rank, alpha_or_nan(module, t));
-    return notes;
+  a.traits = [](const std::string& module, const TensorMap& t) {
+    auto traits = low_rank_traits(module, t, stored_size(t, {"hada_w1_b"}));
+    auto t1 = F::optional(t, "hada_t1");
+    add_kind_trait(traits, t1);
+    if (t1.defined()) traits.push_back("tucker");
+    return traits;
   };
   a.to_peft = [](const TensorMap& t, double scale) { return low_rank_peft_form("loha", t, scale, "hada_w1_a"); };
   a.from_peft = [](TensorMap& t, double scale) { low_rank_from_peft(t, scale, stored_size(t, {"hada_w1_b"}), "hada_w1_a"); };

@@ -192,23 +192,20 @@ Algorithm lokr_algorithm() {
   a.rank = lokr_stored_rank;
   a.supports = supports_weight_layer;
   a.options = lokr_options();
-  a.loader_notes = [](const std::string& module, const TensorMap& t) {
+  a.traits = [](const std::string& module, const TensorMap& t) {
     const int64_t rank = lokr_stored_rank(t);
     const double alpha = alpha_or_nan(module, t);
-    auto notes = low_rank_loader_notes("lokr", module, t, rank);
-    if (rank == 0 && !std::isnan(alpha) && alpha != 1.0)
-      notes.push_back({"LoKr with both factors full", "LyCORIS and ComfyUI ignore alpha (scale 1); PEFT applies lora_alpha/r"});
-    if (rank == 1 && !std::isnan(alpha) && alpha != 1.0)
-      notes.push_back({"rank-1 LoKr", "stable-diffusion.cpp uses scale 1 for rank-1 LoKr (LyCORIS: alpha/1)"});
-    if (t.count("lokr_t2"))
-      notes.push_back({"LoKr Tucker", "stable-diffusion.cpp leaves lokr_t2 modules unused; the reference LyCORIS "
-                                      "loader fails on Tucker LoKr files (docs/loaders.md#q4-lokr-loader-refactorizes)"});
-    if (t.count("lokr_w2") && t.at("lokr_w2").dim() > 2)
-      notes.push_back({"LoKr conv with a full 4-D lokr_w2",
-                       "stable-diffusion.cpp's per-dimension Kronecker puts lokr_w1 on the kernel dimensions "
-                       "(unverified by execution)"});
-    note_missing_alpha(notes, rank, alpha);
-    return notes;
+    auto traits = low_rank_traits(module, t, rank);
+    auto w2 = F::optional(t, "lokr_w2"), t2 = F::optional(t, "lokr_t2");
+    add_kind_trait(traits, w2.defined() ? w2 : t2);
+    if (t2.defined()) traits.push_back("tucker");
+    if (w2.defined() && w2.dim() > 2) traits.push_back("lokr-w2-whole-kernel");
+    if (rank == 0 && !std::isnan(alpha) && alpha != 1.0) traits.push_back("lokr-whole-factors-alpha");
+    if (rank == 1 && !std::isnan(alpha) && alpha != 1.0) traits.push_back("lokr-rank1-alpha");
+    auto w1b = F::optional(t, "lokr_w1_b"), w2b = F::optional(t, "lokr_w2_b");
+    if (w1b.defined() && w2b.defined() && w1b.dim() > 0 && w2b.dim() > 0 && w1b.size(0) != w2b.size(0))
+      traits.push_back("lokr-ranks-differ");
+    return traits;
   };
   // the scale is carried by W1 (ΔW is linear in it)
   a.to_peft = [](const TensorMap& t, double scale) {

@@ -177,21 +177,13 @@ Algorithm lora_algorithm() {
   a.rank = [](const TensorMap& t) { return stored_size(t, {"lora_down.weight"}); };
   a.supports = supports_weight_layer;
   a.options = low_rank_options();
-  a.loader_notes = [](const std::string& module, const TensorMap& t) {
-    auto notes = low_rank_loader_notes("lora", module, t, stored_size(t, {"lora_down.weight"}));
-    if (t.count("lora_mid.weight"))
-      notes.push_back({"LoRA Tucker core", "kohya sd-scripts LoRA has no lora_mid (cannot load it); ComfyUI, sd-webui "
-                                           "and stable-diffusion.cpp read it"});
+  a.traits = [](const std::string& module, const TensorMap& t) {
+    auto traits = low_rank_traits(module, t, stored_size(t, {"lora_down.weight"}));
     auto down = F::optional(t, "lora_down.weight"), up = F::optional(t, "lora_up.weight");
-    if (down.defined() && up.defined() && down.dim() > 2 && up.dim() == 2)
-      notes.push_back({"2-D conv lora_up (DyLoRA)",
-                       "the reference LyCORIS loader cannot load a 2-D conv lora_up (docs/loaders.md#q23-dylora)"});
-    note_missing_alpha(notes, stored_size(t, {"lora_down.weight"}), alpha_or_nan(module, t));
-    if (t.count("bias_indices") || t.count("bias_values"))
-      notes.push_back({"sparse bias", "bias_indices/bias_values/bias_size: this tool adds the dense residual to ΔW "
-                                      "(unscaled), every other loader (LyCORIS, ComfyUI, sd-webui, stable-diffusion.cpp) "
-                                      "ignores it"});
-    return notes;
+    add_kind_trait(traits, down);
+    if (t.count("lora_mid.weight")) traits.push_back("tucker");
+    if (down.defined() && up.defined() && down.dim() > 2 && up.dim() == 2) traits.push_back("conv-up-2d");
+    return traits;
   };
   a.to_peft = [](const TensorMap& t, double scale) {
     if (t.count("lora_mid.weight")) return PeftForm{"LoRA with a Tucker core (lora_mid): PEFT LoRA has no mid factor", {}};

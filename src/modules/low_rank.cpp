@@ -173,24 +173,13 @@ bool dora_on_input_axis(const TensorMap& t) {
   return it != t.end() && it->second.dim() >= 2 && it->second.size(0) == 1 && it->second.size(1) > 1;
 }
 
-LoaderNotes low_rank_loader_notes(const std::string& algo, const std::string& module, const TensorMap& t, int64_t rank) {
-  LoaderNotes out;
-  const double alpha = alpha_or_nan(module, t);
-  if (dora_on_input_axis(t))
-    out.push_back({"DoRA on the input axis",
-                   "dora_scale (1, in, …) is the LyCORIS < 3.2 convention (wd_on_output=False): the reference "
-                   "LyCORIS ≥ 3.2 loader cannot load it (docs/loaders.md#q8-dora-input-axis); PEFT has no input-axis DoRA; ComfyUI detects the "
-                   "axis from the shape; stable-diffusion.cpp ignores dora_scale"});
-  else if (t.count("dora_scale"))
-    out.push_back({"DoRA on the output axis",
-                   "dora_scale (out, 1, …): sd-webui always normalises per input column (silently wrong "
-                   "broadcast); ComfyUI uses ‖W‖ instead of ‖W+ΔW‖ on this axis (PR #15458); at strength m ≠ 1 "
-                   "ComfyUI/sd-webui interpolate W → W_dora linearly while LyCORIS renders (W+ΔW)·(m(g−1)+1) "
-                   "(docs/loaders.md#q6-dora-strength); stable-diffusion.cpp ignores dora_scale"});
-  if (algo != "lora" && rank > 0 && !std::isnan(alpha) && alpha != static_cast<double>(rank))
-    out.push_back({"LoHa/LoKr with alpha ≠ rank",
-                   "the reference LyCORIS tools/merge.py applies alpha/rank twice (docs/loaders.md#q1-merge-applies-alpha-twice); ComfyUI, sd-webui, "
-                   "stable-diffusion.cpp, PEFT and this tool apply it once"});
+Traits low_rank_traits(const std::string& module, const TensorMap& t, int64_t rank) {
+  Traits out;
+  if (t.count("dora_scale")) out.push_back("dora");
+  if (dora_on_input_axis(t)) out.push_back("dora-in");
+  else if (t.count("dora_scale")) out.push_back("dora-out");
+  add_alpha_traits(out, rank, alpha_or_nan(module, t));
+  if (t.count("bias_indices") || t.count("bias_values")) out.push_back("sparse-bias");
   return out;
 }
 

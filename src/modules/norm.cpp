@@ -79,8 +79,8 @@ Algorithm norm_algorithm() {
   a.rank = [](const TensorMap&) -> int64_t { return 0; };
   a.supports = [](const LayerSpec& layer) { return layer.is_norm(); };
   a.options = {"rank_dropout", "rank_dropout_scale"};
-  a.loader_notes = [](const std::string&, const TensorMap&) {
-    return LoaderNotes{{"Norm", "sd-webui needs both w_norm and b_norm; stable-diffusion.cpp does not apply them"}};
+  a.traits = [](const std::string&, const TensorMap& t) {
+    return t.count("b_norm") ? Traits{} : Traits{"no-b-norm"};
   };
   a.peft_refusal = peft_lacks("norm", "LoRA-family files have no such tensors");
   return a;

@@ -41,20 +41,18 @@ NamedTensors OFTAdapter::file_tensors() const {
   return out;
 }
 
-LoaderNotes oft_loader_notes(const std::string& module, const TensorMap& t) {
-  LoaderNotes out;
+Traits oft_traits(const std::string& module, const TensorMap& t) {
+  Traits out;
+  if (t.count("rescale")) out.push_back("rescale");
   const double alpha = alpha_or_nan(module, t);
-  if (!std::isnan(alpha) && alpha != 0)
-    out.push_back({"OFT/BOFT constraint units",
-                   "alpha is the constraint: LyCORIS and sd-webui clip ‖Q‖ at alpha·out_features (docs/loaders.md#q20-oft-constraint), "
-                   "ComfyUI at alpha (out_features times tighter)"});
-  if (!std::isnan(alpha) && alpha == 0)
-    out.push_back({"OFT constraint 0", "older sd-webui clamps ‖Q‖ to alpha·out = 0: the adapter does nothing there"});
-  out.push_back({"OFT/BOFT strength", "ComfyUI applies the strength twice (s² for Diag-OFT, per factor and again "
-                                      "for BOFT), sd-webui linearly on ΔW; all agree at strength 1; PEFT OFT/BOFT "
-                                      "files are not compatible; stable-diffusion.cpp has no OFT"});
-  if (t.count("rescale"))
-    out.push_back({"OFT rescale", "ComfyUI ignores 'rescale'; LyCORIS applies it fully at any strength (docs/loaders.md#q19-rescale-ignores-multiplier)"});
+  if (std::isnan(alpha) || alpha == 0) {
+    out.push_back("constraint-zero");
+  } else if (auto blocks = fn::optional(t, "oft_blocks"); blocks.defined() && blocks.dim() >= 3) {
+    // ‖Q‖ of all blocks (and stages) together, Q = B − Bᵀ (docs/loaders.md#q20-oft-constraint)
+    const auto b = blocks.to(torch::kFloat64);
+    const double q = (b - b.transpose(-1, -2)).norm().item<double>();
+    if (q + 1e-8 > alpha) out.push_back("constraint-below-q");
+  }
   return out;
 }
 

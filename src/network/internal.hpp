@@ -40,4 +40,12 @@ void freeze_base(const HostLayer& layer);
 // The layer's original bias changed (merge_to gave a layer without bias one, HostLayer::add_bias).
 void set_base_bias(const HostLayer& layer, const torch::Tensor& bias);
 
+// ---- random generators (training checkpoints replay the draws of the last refresh)
+
+// The default generator of CPU and of every other device a tensor of `module` is on, with its state.
+using GeneratorStates = std::vector<std::pair<torch::Device, torch::Tensor>>;
+GeneratorStates generator_states(const torch::nn::Module& module);
+// Sets each device's default generator to its state; Error naming the device when it has no generator here.
+void set_generator_states(const GeneratorStates& states);
+
 }  // namespace lycoris::detail

@@ -1,6 +1,7 @@
 // Networks on TorchScript modules and .pt archives (lycoris/jit.hpp, docs/training.md#torchscript): the
 // network code of network.cpp over host_module(torch::jit::Module), plus the errors a TorchScript model
 // needs that a torch::nn one does not (a file that matches nothing, a targeted layer that cannot be adapted).
+#include <torch/csrc/jit/runtime/graph_executor.h>
 #include <torch/csrc/jit/serialization/import.h>
 #include <torch/torch.h>
 
@@ -59,6 +60,11 @@ LycorisNetwork create_lycoris_from_weights(const torch::jit::Module& model, cons
 
 namespace torchscript {
 
+TrainingScope::TrainingScope() : previous_(torch::jit::getGraphExecutorOptimize()) {
+  torch::jit::setGraphExecutorOptimize(false);
+}
+TrainingScope::~TrainingScope() { torch::jit::setGraphExecutorOptimize(previous_); }
+
 bool is_archive(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   char magic[4] = {};
@@ -86,14 +92,7 @@ torch::jit::Module load(const std::string& path) {
 void save(const torch::jit::Module& module, const std::string& path) {
   std::ostringstream os;
   module.save(os);
-  const std::string bytes = os.str();
-  io::detail::AtomicFile out(path);
-  const auto* data = reinterpret_cast<const uint8_t*>(bytes.data());
-  if (const int err = io::detail::pwrite_all(out.fd(), data, bytes.size(), 0)) {
-    errno = err;
-    out.fail("write failed");
-  }
-  out.commit(bytes.size());
+  io::detail::write_atomically(path, os.str());
 }
 
 ArchiveMergeReport merge_archive(const std::string& base, const std::string& output,

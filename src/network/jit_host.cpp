@@ -360,6 +360,14 @@ class JitLayer final : public HostLayer {
     m_._ivalue()->setAttr("weight", W0);
     if (b0.defined() || bias().defined()) m_._ivalue()->setAttr("bias", b0.defined() ? c10::IValue(b0) : c10::IValue());
   }
+  std::string bias_refusal() const override {
+    const auto slot = m_.type()->findAttributeSlot("bias");
+    if (slot && c10::TensorType::get()->isSubtypeOf(*m_.type()->getAttribute(*slot)) &&
+        probe_->reads(join(path_, "bias")))
+      return "";
+    return "TorchScript layer '" + path_ + "' (" + type_ +
+           ") has no bias its code reads: an adapter that changes the bias (Full, Norm) cannot be applied to it";
+  }
   bool add_bias(const torch::Tensor& bias, bool) override {
     set_bias(bias);
     return m_.type()->is_parameter(m_.type()->getAttributeSlot("bias"));
@@ -367,15 +375,11 @@ class JitLayer final : public HostLayer {
 
  private:
   // A layer without bias gets one only where its code reads `self.bias` and the slot's type takes a
-  // tensor (a scripted layer built with bias=False: Optional[Tensor]); a traced one never reads it.
+  // tensor (a custom layer declaring `bias: Optional[Tensor]`). A scripted torch.nn layer built without
+  // bias has a None-typed slot (its compiled code may treat it as a constant); a traced one never reads it.
   void set_bias(const torch::Tensor& b) {
-    const auto slot = m_.type()->findAttributeSlot("bias");
-    if (!slot || !c10::TensorType::get()->isSubtypeOf(*m_.type()->getAttribute(*slot)) ||
-        !probe_->reads(join(path_, "bias")))
-      throw Error("TorchScript layer '" + path_ + "' (" + type_ +
-                  ") has no bias its code reads: an adapter that changes the bias (Full, Norm) cannot be applied "
-                  "to it");
-    m_._ivalue()->setSlot(*slot, b);
+    if (auto why = bias_refusal(); !why.empty()) throw Error(why);
+    m_._ivalue()->setSlot(*m_.type()->findAttributeSlot("bias"), b);
   }
 
   Module m_;

@@ -22,6 +22,7 @@ namespace lycoris {
 
 struct LycorisNetworkImpl::State {
   double multiplier = 1.0;
+  detail::GeneratorStates rng;  // rng_before_refresh()
 };
 
 namespace {
@@ -134,6 +135,10 @@ const NetworkModule* LycorisNetworkImpl::find(const std::string& name) const {
 
 double LycorisNetworkImpl::multiplier() const { return state_->multiplier; }
 
+const std::vector<std::pair<torch::Device, torch::Tensor>>& LycorisNetworkImpl::rng_before_refresh() const {
+  return state_->rng;
+}
+
 void LycorisNetworkImpl::bind_(const NetworkModule& m, bool bypass) {
   const std::shared_ptr<const double> mult(state_, &state_->multiplier);
   if (bypass && m.view) {
@@ -152,6 +157,7 @@ void LycorisNetworkImpl::apply_to() {
   if (merged_)
     throw Error("apply_to after merge_to: the model already holds this network's ΔW (applying it would add it again)");
   if (applied_) return;
+  state_->rng = detail::generator_states(*this);
   try {
     for (const auto& m : modules_) bind_(m, m.adapter->options().bypass_mode());
   } catch (...) {
@@ -173,6 +179,7 @@ void LycorisNetworkImpl::restore() {
 void LycorisNetworkImpl::refresh() {
   if (!applied_) return;
   check_placement_();
+  state_->rng = detail::generator_states(*this);
   for (const auto& m : modules_)
     if (m.view) detail::recompute(*m.view, state_.get());
 }
@@ -191,6 +198,11 @@ void LycorisNetworkImpl::set_multiplier(double m) {
 
 void LycorisNetworkImpl::merge_to(double m) {
   if (merged_) throw Error("merge_to: this network is already merged into the model (merging again would add ΔW twice)");
+  // all or nothing: a layer that cannot take a bias change is found before any weight is written
+  for (const auto& mod : modules_) {
+    if (!mod.adapter->changes_bias() || detail::base_weights(detail::adaptable_layer(mod)).second.defined()) continue;
+    if (auto why = mod.view->bias_refusal(); !why.empty()) throw Error("merge_to: " + mod.name + ": " + why);
+  }
   if (applied_) restore();
   torch::NoGradGuard no_grad;
   for (const auto& mod : modules_) {
@@ -259,25 +271,26 @@ void LycorisNetworkImpl::train(bool on) {
   if (applied_) refresh();
 }
 
+void LycorisNetworkImpl::recompute_moved_() {
+  if (!applied_) return;
+  state_->rng = detail::generator_states(*this);
+  for (const auto& m : modules_)
+    if (m.view) detail::recompute_all(*m.view);
+}
+
 void LycorisNetworkImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
   torch::nn::Module::to(device, dtype, non_blocking);
-  if (applied_)
-    for (const auto& m : modules_)
-      if (m.view) detail::recompute_all(*m.view);
+  recompute_moved_();
 }
 
 void LycorisNetworkImpl::to(torch::Dtype dtype, bool non_blocking) {
   torch::nn::Module::to(dtype, non_blocking);
-  if (applied_)
-    for (const auto& m : modules_)
-      if (m.view) detail::recompute_all(*m.view);
+  recompute_moved_();
 }
 
 void LycorisNetworkImpl::to(torch::Device device, bool non_blocking) {
   torch::nn::Module::to(device, non_blocking);
-  if (applied_)
-    for (const auto& m : modules_)
-      if (m.view) detail::recompute_all(*m.view);
+  recompute_moved_();
 }
 
 namespace {

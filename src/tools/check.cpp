@@ -13,10 +13,12 @@
 #include "lycoris/algorithms.hpp"
 #include "lycoris/error.hpp"
 #include "lycoris/functional/common.hpp"
+#include "lycoris/host_layer.hpp"
 #include "lycoris/io/safetensors.hpp"
 #include "lycoris/jit.hpp"
 #include "lycoris/layer.hpp"
 #include "lycoris/text.hpp"
+#include "lycoris/tools/check_loader.hpp"
 #include "lycoris/tools/convert.hpp"
 #include "lycoris/adapter_file.hpp"
 #include "module_fit.hpp"
@@ -46,20 +48,28 @@ std::string family(const std::string& path) {
 }
 
 // The base as check() reads it: its weight names, dtypes and shapes, and the tensors themselves; a
-// safetensors checkpoint, or the parameters of a TorchScript archive by their state-dict names.
+// safetensors checkpoint, or the parameters of a TorchScript archive by their state-dict names. For an
+// archive, `skipped` holds the weights of the layers its host view will not adapt, with the reason
+// (docs/training.md#torchscript): a file module there fits the tensor but would make loading fail.
 struct Base {
   std::vector<std::string> keys;
   std::map<std::string, std::pair<io::DType, std::vector<int64_t>>> info;
   std::function<torch::Tensor(const std::string&)> tensor;
+  std::map<std::string, std::string> skipped;
 
   static Base open(const std::string& path) {
     Base b;
     if (torchscript::is_archive(path)) {
+      const auto model = torchscript::load(path);
       std::map<std::string, torch::Tensor> params;
-      for (const auto& p : torchscript::load(path).named_parameters()) {
+      for (const auto& p : model.named_parameters()) {
         b.keys.push_back(p.name);
         b.info[p.name] = {io::from_torch(p.value.scalar_type()), p.value.sizes().vec()};
         params[p.name] = p.value.detach();
+      }
+      for (const auto& [module_path, module] : preorder(host_module(model))) {
+        std::string why;
+        if (!module->layer(&why) && !why.empty()) b.skipped[module_path + ".weight"] = why;
       }
       b.tensor = [params](const std::string& key) { return params.at(key); };
       return b;
@@ -188,6 +198,10 @@ CheckReport check(const std::string& adapter_path, const std::string& base_path,
         for (const auto& f : fit.fits) k.push_back(f.first->layer.weight_key);
         c.problems.insert(c.problems.begin(), "ambiguous: the name denotes several base layers (" + join(k, ", ") + ")");
       }
+      if (const auto skip = target ? base.skipped.find(target->layer.weight_key) : base.skipped.end();
+          skip != base.skipped.end())
+        c.problems.insert(c.problems.begin(), "unadaptable: the model's layer " + target->layer.weight_key +
+                                                  " cannot take an adapter: " + skip->second);
       if (fit.outcome == Outcome::Fits && c.problems.empty()) {
         auto& fitted = *fit.fits[0].second;
         fitted.eval();
@@ -199,16 +213,18 @@ CheckReport check(const std::string& adapter_path, const std::string& base_path,
         c.prefix = target->prefix;
         c.part = target->layer.part;
         c.parts = target->layer.parts;
+        c.layer_shape = naming::layer_shape(target->layer, shapes.at(target->layer.weight_key));
         rules_used.emplace(target->dialect, target->prefix);
         covered.insert(layer_id(target->layer));
         families.insert(family(target->path));
       }
       try {
-        if (algo->loader_notes)
-          for (auto& note : algo->loader_notes(m.name, m.tensors)) {
-            auto& n = notes[note.topic];
-            n.topic = note.topic;
-            n.text = note.text;
+        const auto traits = module_traits(*algo, m.name, m.tensors, static_cast<int64_t>(c.layer_shape.size()));
+        for (const auto& table : loader_tables())
+          for (const auto* rule : matching_rules(table, algo->name, traits)) {
+            auto& n = notes[table.title + ": " + rule->topic];
+            n.topic = table.title + ": " + rule->topic;
+            n.text = loader_rule_text(*rule);
             n.modules.push_back(m.name);
           }
       } catch (const Error&) {  // unreadable alpha etc.: already reported as malformed by the loader
@@ -283,7 +299,7 @@ std::string CheckReport::text() const {
        << safe(join(families, ", ", 12)) << ") are not touched:\n    " << join(shown, "\n    ", 30) << "\n";
   }
   if (!notes.empty()) {
-    os << "other loaders read this file differently:\n";
+    os << "other loaders read this file differently (`check --loader NAME` for one of them):\n";
     for (const auto& n : notes)
       os << "  - " << n.topic << " (" << n.modules.size() << " module(s), e.g. " << safe(n.modules.front())
          << "): " << n.text << "\n";

@@ -9,11 +9,11 @@
 #include "lycoris/adapter_file.hpp"
 #include "lycoris/algorithms.hpp"
 #include "lycoris/error.hpp"
+#include "lycoris/file_layouts.hpp"
 #include "lycoris/functional/common.hpp"
 #include "lycoris/functional/svd.hpp"
 #include "lycoris/io/output_path.hpp"
 #include "lycoris/io/safetensors.hpp"
-#include "lycoris/modules/lora.hpp"
 #include "tool_checks.hpp"
 
 namespace lycoris::tools {

@@ -113,20 +113,22 @@ TEST(Check, CraftedAdapterProblemsAndCoverage) {
 }
 
 TEST(Check, GoldenAdaptersAreCleanWithTheirLoaderNotes) {
+  // one note per (loader, rule) that some module meets (the tables of tools/loader_rules.cpp)
   const std::map<std::string, std::string> notes = {
-      {"lora", ""},
-      {"lora_dora", "DoRA on the output axis"},
-      {"lora_dora_wd_in", "DoRA on the input axis"},
-      {"loha_alpha", "LoHa/LoKr with alpha ≠ rank"},
-      {"lokr_tucker", "LoKr Tucker"},
-      {"diag_oft_constraint", "OFT/BOFT constraint units"},
-      {"diag_oft_rescaled", "OFT rescale"},
-      {"boft", "OFT/BOFT strength"},
-      {"ia3", "(IA)^3"},
-      {"glora", "GLoRA"},
-      {"full", "Full with diff_b"},
-      {"norm", "Norm"},
-      {"dylora_conv", "2-D conv lora_up (DyLoRA)"},
+      {"dylora", ""},
+      {"lora", "sd-webui (A1111/Forge): LoRA on Conv1d"},
+      {"lora_dora", "ComfyUI: DoRA norm"},
+      {"lora_dora_wd_in", "PEFT / diffusers: DoRA on the input axis"},
+      {"loha_alpha", "LyCORIS (Python reference): merge applies alpha/r twice"},
+      {"lokr_tucker", "ComfyUI: LoKr Tucker on Conv2d"},
+      {"diag_oft_constraint", "ComfyUI: OFT constraint"},
+      {"diag_oft_rescaled", "ComfyUI: Diag-OFT rescale"},
+      {"boft", "ComfyUI: BOFT strength"},
+      {"ia3", "ComfyUI: no adapter"},
+      {"glora", "sd-webui (A1111/Forge): GLoRA layout"},
+      {"full", "LyCORIS (Python reference): Full with diff_b"},
+      {"norm", "stable-diffusion.cpp: not implemented"},
+      {"dylora_conv", "LyCORIS (Python reference): 2-D conv lora_up (DyLoRA)"},
   };
   for (const auto& [c, topic] : notes) {
     SCOPED_TRACE(c);
@@ -145,7 +147,7 @@ TEST(Check, GoldenAdaptersAreCleanWithTheirLoaderNotes) {
     if (topic.empty()) EXPECT_TRUE(topics.empty()) << r.text();
     else EXPECT_TRUE(topics.count(topic)) << r.text();
   }
-  // every DoRA module is listed under the note
+  // every DoRA module is listed under the first note (ComfyUI's DoRA norm)
   auto r = tools::check(test::data_path("golden/lora_dora/adapter.safetensors"),
                         test::data_path("golden/lora_dora/base.safetensors"));
   EXPECT_EQ(r.notes.at(0).modules.size(), r.modules.size());

@@ -3,6 +3,7 @@
 #include <torch/nn/pimpl.h>
 
 #include "lycoris/algorithms.hpp"
+#include "lycoris/file_layouts.hpp"
 #include "lycoris/functional/loha.hpp"
 #include "lycoris/modules/low_rank.hpp"
 
@@ -34,12 +35,6 @@ class LoHaImpl : public LowRankAdapter {
   functional::loha::Weights weights() const;  // scalar folded into w1a
 };
 TORCH_MODULE(LoHa);
-
-// The file's tensors of a LoHa module in key order (docs/format.md#key-order): alpha, dora_scale (when defined),
-// hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b, hada_t1/hada_t2 (Tucker), detached. The one writer of this layout:
-// LoHa's file_tensors() and extract.
-NamedTensors loha_file_tensors(const functional::loha::Weights& weights, const torch::Tensor& alpha,
-                               const torch::Tensor& dora_scale = {});
 
 // Registry entry (docs/format.md#detection marker `hada_w1_a`).
 Algorithm loha_algorithm();

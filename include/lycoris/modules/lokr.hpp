@@ -3,6 +3,7 @@
 #include <torch/nn/pimpl.h>
 
 #include "lycoris/algorithms.hpp"
+#include "lycoris/file_layouts.hpp"
 #include "lycoris/error.hpp"
 #include "lycoris/functional/lokr.hpp"
 #include "lycoris/modules/low_rank.hpp"
@@ -75,12 +76,6 @@ class LoKrImpl : public KronAdapter {
   functional::lokr::Weights weights() const;  // scalar folded into w1 / w1_a
 };
 TORCH_MODULE(LoKr);
-
-// The file's tensors of a LoKr module in key order (docs/format.md#key-order): alpha, dora_scale (when defined),
-// then whichever of lokr_w1, lokr_w1_a, lokr_w1_b, lokr_w2, lokr_w2_a, lokr_w2_b, lokr_t2 are defined, detached.
-// The one writer of this layout: LoKr's file_tensors() and extract.
-NamedTensors lokr_file_tensors(const functional::lokr::Weights& weights, const torch::Tensor& alpha,
-                               const torch::Tensor& dora_scale = {});
 
 // Registry entry (docs/format.md#detection marker `lokr_w1` or `lokr_w1_a`).
 Algorithm lokr_algorithm();

@@ -6,6 +6,7 @@
 
 #include "lycoris/adapter.hpp"
 #include "lycoris/algorithms.hpp"
+#include "lycoris/file_layouts.hpp"
 #include "lycoris/functional/lora.hpp"
 #include "lycoris/modules/low_rank.hpp"
 
@@ -50,12 +51,6 @@ struct LoRAFile {
   torch::Tensor bias_indices, bias_values, bias_size;  // undefined without sparse bias
 };
 LoRAFile read_lora_file(const std::string& module, const TensorMap& tensors, const LayerSpec& layer);
-
-// The file's tensors of a LoRA module in key order (docs/format.md#key-order): dora_scale (when defined), alpha,
-// lora_up.weight, lora_down.weight, lora_mid.weight (Tucker), detached. The one writer of this layout: LoRA's
-// file_tensors() (its sparse-bias keys follow), extract and resize.
-NamedTensors lora_file_tensors(const functional::lora::Weights& weights, const torch::Tensor& alpha,
-                               const torch::Tensor& dora_scale = {});
 
 // Registry entry (docs/format.md#detection marker `lora_up.weight`); also reads DyLoRA and extracted files.
 Algorithm lora_algorithm();

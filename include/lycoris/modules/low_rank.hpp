@@ -85,9 +85,8 @@ double read_alpha(const TensorMap& tensors, const std::string& module, int64_t r
 // the options LoRA and LoHa read, and LoKr/GLoKr (plus the factorization's);
 const std::vector<std::string>& low_rank_options();
 const std::vector<std::string>& lokr_options();
-// loader notes on dora_scale's axis, a missing alpha, and for LoHa/LoKr an alpha ≠ rank;
-LoaderNotes low_rank_loader_notes(const std::string& algo, const std::string& module, const TensorMap& tensors,
-                                  int64_t rank);
+// the traits they share (algorithms.hpp): dora_scale's axis, alpha (missing, ≠ rank), a sparse-bias residual;
+Traits low_rank_traits(const std::string& module, const TensorMap& tensors, int64_t rank);
 // PEFT's form: DoRA is LoRA's only (refused for `algo` ≠ "lora"), the scale folded into `fold_key`'s factor;
 PeftForm low_rank_peft_form(const std::string& algo, const TensorMap& tensors, double scale, const std::string& fold_key);
 // from PEFT (unless the module has an alpha): alpha = scale·rank, or the scale folded into `fold_key` where no rank reads alpha (LoKr, both full).

@@ -36,8 +36,8 @@ class OFTAdapter : public AdapterImpl {
 };
 
 // check_options for Diag-OFT / BOFT plus their own: rank (the block-size bound) positive or −1, constraint >= 0.
-// check's loader notes for Diag-OFT and BOFT modules (the constraint's units, the strength, rescale).
-LoaderNotes oft_loader_notes(const std::string& module, const TensorMap& tensors);
+// The traits of Diag-OFT and BOFT modules (algorithms.hpp): rescale, the constraint (0, or below ‖Q‖).
+Traits oft_traits(const std::string& module, const TensorMap& tensors);
 void check_oft_options(const std::string& algo, const LayerSpec& layer, const AdapterOptions& options);
 // The checks both OFT loaders share: supported layer (ShapeError), known keys, rescale (O, 1, …), a numeric
 // alpha. Returns oft_blocks.

@@ -23,6 +23,7 @@ struct CheckModule {
   std::string rule;       // naming dialect ("standalone", "ldm", "sgm", "ldm-openclip", …)
   std::string prefix;     // prefix the rule used
   int part = 0, parts = 0;  // row block of a fused base tensor (parts > 0)
+  std::vector<int64_t> layer_shape;  // the base layer's weight shape (one block of a fused tensor); empty if none
   std::vector<std::string> problems;  // one line each
   std::vector<std::string> closest;   // for unmatched modules: the nearest names the base knows
 };

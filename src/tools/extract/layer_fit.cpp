@@ -7,11 +7,9 @@
 #include <utility>
 
 #include "lycoris/algorithms.hpp"
+#include "lycoris/file_layouts.hpp"
 #include "lycoris/functional/common.hpp"
 #include "lycoris/functional/svd.hpp"
-#include "lycoris/modules/loha.hpp"
-#include "lycoris/modules/lokr.hpp"
-#include "lycoris/modules/lora.hpp"
 #include "lycoris/tools/extract.hpp"
 #include "tools/extract/fitters.hpp"
 
