@@ -4,7 +4,7 @@
 // step time, steps/s, speed-up over 1 × 1, the gradient bytes all-reduced per step against a full-model DDP
 // of the same model, and the all-reduce time not hidden behind backward. Spawns its own processes (itself,
 // with torchrun's environment variables); the machine's load average is printed with the numbers.
-//   ./build/bench/dist_bench [--algo lora] [--batch 8] [--steps 30] [--warmup 5] [--bucket-kb 256]
+//   ./build/bench/dist_bench [--algo lora] [--batch 8] [--steps 30] [--warmup 5] [--bucket-kb 1024]
 #include <sched.h>
 #include <unistd.h>
 
@@ -33,7 +33,7 @@ using lycoris::bench::kHW;
 
 struct Config {
   std::string algo = "lora";
-  int64_t batch = 8, steps = 30, warmup = 5, bucket_kb = 256;
+  int64_t batch = 8, steps = 30, warmup = 5, bucket_kb = 1024;
 };
 
 struct Measure {

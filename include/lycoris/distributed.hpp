@@ -107,7 +107,7 @@ struct DataParallelOptions {
   // Capacity of one flattened gradient bucket. Buckets hold the parameters in reverse registration order
   // (about the order backward produces their gradients); each one's all-reduce starts as soon as its last
   // gradient is accumulated, while backward goes on. Smaller buckets overlap more, at more messages.
-  TORCH_ARG(int64_t, bucket_bytes) = 64 * 1024;
+  TORCH_ARG(int64_t, bucket_bytes) = 1024 * 1024;
 };
 
 // What the gradient all-reduces cost since construction (or reset_stats()).
