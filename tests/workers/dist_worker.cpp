@@ -5,6 +5,8 @@
 //
 //   dist_worker --out PREFIX [--algos lora,loha,…] [--steps N] [--single] [--accumulate K] [--write FILE]
 //               [--mismatch-rank R] [--die-at S] [--hang-at S] [--fault-rank R]
+//               [--ckpt PREFIX --ckpt-every K [--resume]]   (rank 0 saves PREFIX.<algo> every K steps; every rank
+//                                                              resumes from it when it exists)
 #include <signal.h>
 #include <unistd.h>
 
@@ -16,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "lycoris/checkpoint.hpp"
 #include "lycoris/distributed.hpp"
 #include "lycoris/modules/dylora.hpp"
 #include "lycoris/network.hpp"
@@ -27,10 +30,10 @@ namespace dist = lycoris::distributed;
 constexpr int64_t kGlobalBatch = 12, kWidth = 16;
 
 struct Args {
-  std::string out, write;
+  std::string out, write, ckpt;
   std::vector<std::string> algos{"lora", "loha", "lokr", "dylora", "boft", "full"};
-  int64_t steps = 4, accumulate = 1, mismatch_rank = -1, die_at = -1, hang_at = -1, fault_rank = 1;
-  bool single = false;
+  int64_t steps = 4, accumulate = 1, ckpt_every = 0, mismatch_rank = -1, die_at = -1, hang_at = -1, fault_rank = 1;
+  bool single = false, resume = false;
 };
 
 Args parse(int argc, char** argv) {
@@ -57,6 +60,12 @@ Args parse(int argc, char** argv) {
       a.hang_at = std::stoll(next());
     else if (k == "--fault-rank")
       a.fault_rank = std::stoll(next());
+    else if (k == "--ckpt")
+      a.ckpt = next();
+    else if (k == "--ckpt-every")
+      a.ckpt_every = std::stoll(next());
+    else if (k == "--resume")
+      a.resume = true;
     else if (k == "--single")
       a.single = true;
     else if (k == "--algos") {
@@ -94,7 +103,11 @@ std::vector<torch::Tensor> train(const Args& a, const std::string& algo, const d
   if (group) ddp = std::make_unique<dist::DataParallel>(net, group, dist::DataParallelOptions().bucket_bytes(2048));
   torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
   const int64_t shard = kGlobalBatch / world, micro = shard / a.accumulate;
-  for (int64_t s = 0; s < a.steps; ++s) {
+  const std::string ckpt = a.ckpt.empty() ? "" : a.ckpt + "." + algo;
+  int64_t start = 0;
+  if (a.resume && !ckpt.empty() && access(ckpt.c_str(), F_OK) == 0)
+    start = lycoris::load_checkpoint(ckpt, *net, opt).step;  // every rank reads rank 0's file
+  for (int64_t s = start; s < a.steps; ++s) {
     if (rank == a.fault_rank && s == a.die_at) ::raise(SIGKILL);
     if (rank == a.fault_rank && s == a.hang_at) ::raise(SIGSTOP);
     auto xs = x[s].narrow(0, rank * shard, shard), ys = y[s].narrow(0, rank * shard, shard);
@@ -113,6 +126,10 @@ std::vector<torch::Tensor> train(const Args& a, const std::string& algo, const d
       ddp->step(opt);
     else
       net->step(opt);
+    if (!ckpt.empty() && a.ckpt_every > 0 && (s + 1) % a.ckpt_every == 0) {
+      auto save = [&] { lycoris::save_checkpoint(ckpt, *net, opt, s + 1); };
+      group ? group->on_rank0(save, "saving " + ckpt) : save();
+    }
   }
   if (group && !a.write.empty())
     group->on_rank0([&] { net->save_weights(a.write + "." + algo); }, "writing " + a.write);
