@@ -95,7 +95,7 @@ CliProcess::CliProcess(const std::vector<std::string>& args, const CliOptions& o
   // everything the child needs is prepared before fork: between fork and exec only system calls
   // LYCORIS_TEST_CLI runs the tests against another build of the CLI (e.g. an older one, to see them fail)
   const char* other = std::getenv("LYCORIS_TEST_CLI");
-  const std::string exe = other ? other : LYCORIS_CLI, out = dir_ + "/stdout", err = dir_ + "/stderr";
+  const std::string exe = !options.program.empty() ? options.program : other ? other : LYCORIS_CLI, out = dir_ + "/stdout", err = dir_ + "/stderr";
   std::vector<std::string> argv_s{exe};
   argv_s.insert(argv_s.end(), args.begin(), args.end());
   std::vector<char*> argv;

@@ -47,6 +47,7 @@ struct CliOptions {
   std::vector<std::string> env;  // "NAME=value" added to the child's environment
   uint64_t file_size_limit = 0;  // RLIMIT_FSIZE of the child (0: unchanged)
   double timeout_seconds = 120;  // then the child is killed and timed_out set
+  std::string program;           // another program to run instead of the CLI (a test worker)
 };
 
 // The child starts with every signal at its default disposition and none blocked, whatever this process

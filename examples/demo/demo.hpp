@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "lycoris/distributed.hpp"
 #include "lycoris/options.hpp"
 
 namespace lycoris::demo {
@@ -149,6 +150,10 @@ struct AdaptConfig {
   int64_t steps = 250, batch = 128;
   uint64_t seed = 1;
   int64_t diff_samples = 512;  // test images compared between merged and unmerged model
+  // Data-parallel (--nproc, torchrun): every rank draws the same global batch and trains on its shard of it;
+  // rank 0 evaluates and writes. Rank 0 first times `reference_steps` one-process steps (the speed-up).
+  distributed::ProcessGroupPtr group;
+  int64_t reference_steps = 20;
 };
 
 struct AlgoResult {
@@ -157,6 +162,9 @@ struct AlgoResult {
   int64_t file_bytes = 0;  // adapter-<label>.safetensors
   int64_t modules = 0;     // adapted layers
   double ms_per_step = 0;  // forward + backward + optimizer step (+ refresh), averaged
+  int64_t processes = 1;   // data-parallel ranks that trained it
+  double one_process_ms_per_step = 0;  // with processes > 1: the same step in one process (rank 0 alone)
+  double all_reduce_ms_per_step = 0;   // with processes > 1: waiting for gradient all-reduces after backward
   double new_acc = 0;      // new-class test images, 10-way, adapter applied (unmerged)
   double new_acc_merged = 0;  // same on the merged model
   double old_acc = 0;      // old-class test images, 10-way, merged model (forgetting)

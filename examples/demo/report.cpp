@@ -1,4 +1,5 @@
 // The demo's report: Markdown table (printed and written), CSV, and a gnuplot PNG of accuracy vs size.
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -59,17 +60,25 @@ std::string shell_quote(const std::string& s) {
 }  // namespace
 
 std::string markdown_table(const BaseInfo& base, const std::vector<AlgoResult>& rows) {
+  // data-parallel runs add the speed-up over one process and the step share spent waiting for all-reduces
+  const bool parallel = std::any_of(rows.begin(), rows.end(), [](const AlgoResult& r) { return r.processes > 1; });
   std::ostringstream md;
   md << "| algorithm | settings | trainable params | adapter file | ms/step | new-class acc | "
-        "old-class acc (merged) | old acc among 0–4 | max abs(merged − unmerged) |\n"
-     << "|---|---|--:|--:|--:|--:|--:|--:|--:|\n";
+        "old-class acc (merged) | old acc among 0–4 | max abs(merged − unmerged) |"
+     << (parallel ? " speed-up vs 1 process | all-reduce share |" : "") << "\n"
+     << "|---|---|--:|--:|--:|--:|--:|--:|--:|" << (parallel ? "--:|--:|" : "") << "\n";
   md << "| base (no adapter) | pretrained on 0–4 | " << grouped(base.parameters) << " (frozen) | "
      << size_str(base.file_bytes) << " | – | " << fmt("%.3f", base.new_acc) << " | " << fmt("%.3f", base.old_acc)
-     << " | " << fmt("%.3f", base.old_acc) << " | – |\n";
-  for (const auto& r : rows)
+     << " | " << fmt("%.3f", base.old_acc) << " | – |" << (parallel ? " – | – |" : "") << "\n";
+  for (const auto& r : rows) {
     md << "| " << r.label << " | " << r.settings << " | " << grouped(r.trainable) << " | " << size_str(r.file_bytes)
        << " | " << fmt("%.1f", r.ms_per_step) << " | " << fmt("%.3f", r.new_acc) << " | " << fmt("%.3f", r.old_acc)
-       << " | " << fmt("%.3f", r.old_acc_within) << " | " << fmt("%.1e", r.max_diff) << " |\n";
+       << " | " << fmt("%.3f", r.old_acc_within) << " | " << fmt("%.1e", r.max_diff) << " |";
+    if (parallel)
+      md << " " << fmt("%.2fx", r.one_process_ms_per_step / std::max(r.ms_per_step, 1e-9)) << " | "
+         << fmt("%.1f %%", 100 * r.all_reduce_ms_per_step / std::max(r.ms_per_step, 1e-9)) << " |";
+    md << "\n";
+  }
   return md.str();
 }
 
@@ -77,13 +86,14 @@ std::string csv_table(const std::vector<AlgoResult>& rows) {
   std::ostringstream csv;
   csv << "algorithm,algo,settings,trainable_params,adapted_modules,adapter_bytes,ms_per_step,new_class_acc,"
          "new_class_acc_merged,old_class_acc_merged,old_class_acc_among_old,max_abs_merged_minus_unmerged,"
-         "final_loss,seconds\n";
+         "final_loss,seconds,processes,one_process_ms_per_step,all_reduce_ms_per_step\n";
   for (const auto& r : rows)
     csv << r.label << ',' << r.algo << ",\"" << r.settings << "\"," << r.trainable << ',' << r.modules << ','
         << r.file_bytes << ',' << fmt("%.3f", r.ms_per_step) << ',' << fmt("%.4f", r.new_acc) << ','
         << fmt("%.4f", r.new_acc_merged) << ',' << fmt("%.4f", r.old_acc) << ',' << fmt("%.4f", r.old_acc_within)
         << ',' << fmt("%.3e", r.max_diff) << ',' << fmt("%.4f", r.final_loss) << ',' << fmt("%.1f", r.seconds)
-        << '\n';
+        << ',' << r.processes << ',' << fmt("%.3f", r.one_process_ms_per_step) << ','
+        << fmt("%.3f", r.all_reduce_ms_per_step) << '\n';
   return csv.str();
 }
 
