@@ -53,6 +53,11 @@ class AdapterImpl : public torch::nn::Module {
 
   // Training hook called once per optimizer step by the network (DyLoRA picks its rank block here).
   virtual void on_step() {}
+  // What on_step() drew that is neither a parameter nor a buffer (DyLoRA: the active block count), so that a
+  // checkpoint saves it and data-parallel training hands rank 0's draw to every rank. Empty for most
+  // algorithms; set_step_state throws OptionError (naming the adapter) on a state it cannot take.
+  virtual std::vector<int64_t> step_state() const { return {}; }
+  virtual void set_step_state(const std::vector<int64_t>& state);
 
   // In-place merging (tools::merge streams a checkpoint through these; eval mode only, else nothing):
   // A kernel applying this adapter at multiplier m in place to chunks of rows of a weight of `shape` held in

@@ -167,7 +167,7 @@ class DataParallel {
 
  private:
   void check_structure_();
-  void sync_dylora_blocks_();
+  void sync_step_states_();
 
   LycorisNetwork network_;
   ProcessGroupPtr group_;

@@ -11,7 +11,6 @@
 
 #include "distributed/group_impl.hpp"
 #include "lycoris/checkpoint.hpp"
-#include "lycoris/modules/dylora.hpp"
 #include "lycoris/text.hpp"
 
 namespace lycoris::distributed {
@@ -223,27 +222,36 @@ void DataParallel::broadcast_from_rank0() {
       at += t.numel();
     }
   }
-  sync_dylora_blocks_();
+  sync_step_states_();
   network_->refresh();
 }
 
-void DataParallel::sync_dylora_blocks_() {
-  std::vector<DyLoRAImpl*> dylora;
-  for (const auto& m : network_->modules())
-    if (auto* d = dynamic_cast<DyLoRAImpl*>(m.adapter.get())) dylora.push_back(d);
-  if (dylora.empty()) return;  // the same on every rank: the structures matched
-  auto blocks = torch::empty({static_cast<int64_t>(dylora.size())}, torch::kLong);
-  for (size_t i = 0; i < dylora.size(); ++i) blocks[static_cast<int64_t>(i)] = dylora[i]->active_blocks();
-  blocks = blocks.to(group_->device());
-  group_->broadcast(blocks, 0, "broadcasting DyLoRA's block draw from rank 0");
-  blocks = blocks.cpu();
-  for (size_t i = 0; i < dylora.size(); ++i)
-    dylora[i]->set_active_blocks(blocks[static_cast<int64_t>(i)].item<int64_t>());
+void DataParallel::sync_step_states_() {
+  // what on_step() drew besides tensors (DyLoRA's block count): rank 0's, everywhere. The sizes are the same on
+  // every rank (the structures matched), so one broadcast of the concatenation carries them all.
+  std::vector<int64_t> all;
+  std::vector<size_t> sizes;
+  for (const auto& m : network_->modules()) {
+    const auto state = m.adapter->step_state();
+    sizes.push_back(state.size());
+    all.insert(all.end(), state.begin(), state.end());
+  }
+  if (all.empty()) return;
+  auto values = torch::tensor(all, torch::kLong).to(group_->device());
+  group_->broadcast(values, 0, "broadcasting the adapters' per-step draws (DyLoRA's blocks) from rank 0");
+  values = values.cpu().contiguous();
+  const int64_t* v = values.data_ptr<int64_t>();
+  size_t at = 0;
+  for (size_t k = 0; k < sizes.size(); ++k) {
+    if (sizes[k] == 0) continue;
+    network_->modules()[k].adapter->set_step_state(std::vector<int64_t>(v + at, v + at + sizes[k]));
+    at += sizes[k];
+  }
 }
 
 void DataParallel::on_step() {
   for (const auto& m : network_->modules()) m.adapter->on_step();
-  sync_dylora_blocks_();
+  sync_step_states_();
   network_->refresh();
 }
 

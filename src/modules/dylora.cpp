@@ -48,6 +48,13 @@ void DyLoRAImpl::set_active_blocks(int64_t n) {
   blocks_ = n;
 }
 
+void DyLoRAImpl::set_step_state(const std::vector<int64_t>& state) {
+  if (state.size() != 1)
+    throw OptionError("dylora on " + layer_.describe() + ": its per-step state is one block count, got " +
+                      std::to_string(state.size()) + " value(s)");
+  set_active_blocks(state[0]);
+}
+
 torch::Tensor DyLoRAImpl::raw_diff() {
   if (!is_training()) return F::lora::diff_weight(layer_, {lora_down, lora_up, {}}, alpha_ / rank());
   const int64_t used = blocks_ * block_size_, fixed = used - block_size_;

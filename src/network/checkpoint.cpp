@@ -1,5 +1,5 @@
 // Training checkpoints (checkpoint.hpp, docs/training.md#checkpoint-and-resume). One torch archive (ZIP):
-//   "lycoris_checkpoint"  JSON text: format, step, extra, structure, multiplier, mode, DyLoRA blocks,
+//   "lycoris_checkpoint"  JSON text: format, step, extra, structure, multiplier, mode, per-step states,
 //                         optimizer type and parameter groups, the devices of the generator states
 //   "tensors"             the adapters' parameters and buffers, in network_structure order (CPU copies)
 //   "grads"               the defined gradients, of the tensors listed in the JSON's "grads" (an optimizer
@@ -27,7 +27,6 @@
 #include "lycoris/error.hpp"
 #include "lycoris/io/dtype.hpp"
 #include "lycoris/io/safetensors.hpp"
-#include "lycoris/modules/dylora.hpp"
 #include "lycoris/network.hpp"
 #include "lycoris/text.hpp"
 #include "lycoris/version.hpp"
@@ -135,10 +134,10 @@ void save_checkpoint(const std::string& path, const LycorisNetworkImpl& net, con
   } catch (const json::exception& e) {
     throw OptionError("save_checkpoint " + path + ": extra is not JSON text: " + e.what());
   }
-  json blocks = json::object();
+  json step_states = json::object();  // what on_step() drew besides tensors (DyLoRA's block count)
   for (const auto& m : net.modules())
-    if (const auto* d = dynamic_cast<const DyLoRAImpl*>(m.adapter.get())) blocks[m.name] = d->active_blocks();
-  meta["dylora_blocks"] = blocks;
+    if (auto state = m.adapter->step_state(); !state.empty()) step_states[m.name] = state;
+  meta["step_states"] = step_states;
 
   torch::serialize::OutputArchive archive;
   c10::List<torch::Tensor> tensors;
@@ -319,19 +318,27 @@ Checkpoint load_checkpoint(const std::string& path, LycorisNetworkImpl& net, tor
   Checkpoint out;
   bool training = false;
   double multiplier = 0;
-  std::vector<std::pair<DyLoRAImpl*, int64_t>> blocks;
+  std::vector<std::pair<AdapterImpl*, std::vector<int64_t>>> step_states;
   try {
     check_fits(path, c.meta, net, optimizer);
     out.step = c.meta.at("step").get<int64_t>();
     out.extra = c.meta.at("extra").dump();
     training = c.meta.at("training").get<bool>();
     multiplier = c.meta.at("multiplier").get<double>();
-    for (const auto& m : net.modules())
-      if (auto* d = dynamic_cast<DyLoRAImpl*>(m.adapter.get())) {
-        const auto n = c.meta.at("dylora_blocks").at(m.name).get<int64_t>();
-        if (n < 1 || n > d->num_blocks()) damaged(path, m.name + ": DyLoRA block count " + std::to_string(n));
-        blocks.emplace_back(d, n);
+    const auto& saved = c.meta.at("step_states");
+    for (const auto& m : net.modules()) {
+      auto& a = *m.adapter;
+      const auto now = a.step_state();
+      const auto state = saved.contains(m.name) ? saved.at(m.name).get<std::vector<int64_t>>() : std::vector<int64_t>{};
+      if (now.empty() && state.empty()) continue;
+      try {  // can the adapter take it? (set and put back: nothing changes before every check has passed)
+        a.set_step_state(state);
+        a.set_step_state(now);
+      } catch (const Error& e) {
+        damaged(path, m.name + ": per-step state: " + e.what());
       }
+      step_states.emplace_back(&a, state);
+    }
   } catch (const json::exception& e) {
     damaged(path, e.what());
   }
@@ -372,7 +379,7 @@ Checkpoint load_checkpoint(const std::string& path, LycorisNetworkImpl& net, tor
         t.mutable_grad() = torch::Tensor();
     }
   }
-  for (const auto& [d, n] : blocks) d->set_active_blocks(n);
+  for (const auto& [a, state] : step_states) a->set_step_state(state);
   // the bound weights as at saving: the same draws (dropouts) from the same generator states
   if (net.applied()) {
     detail::set_generator_states(used_here(c.rng_refresh, net));

@@ -100,6 +100,30 @@ TEST(DyLoRASchedule, OnStepDrawsEveryBlockCountUniformly) {
   for (int n = 1; n <= 4; ++n) EXPECT_NEAR(counts[static_cast<size_t>(n)] / double(draws), 0.25, 0.03) << n;
 }
 
+// The per-step state checkpoints save and data-parallel training broadcasts: DyLoRA's block count, taken back
+// exactly (the trained sub-model follows it), refused out of range; algorithms without one refuse any.
+TEST(DyLoRASchedule, StepStateIsTheBlockCountAndOtherAlgorithmsHaveNone) {
+  torch::manual_seed(9);
+  auto a = dylora(LayerSpec::linear(6, 8), 8, 2, 1.0);
+  perturb(*a);
+  a->train();
+  const auto W = torch::randn({8, 6});
+  a->set_active_blocks(3);
+  EXPECT_EQ(a->step_state(), std::vector<int64_t>{3});
+  a->on_step();
+  a->set_step_state({2});
+  EXPECT_EQ(a->active_blocks(), 2);
+  EXPECT_TRUE(all_close(a->apply_weight(W, 1.0), expected_weight(*a, W, 4, 1.0), 1e-6, 1e-6, "two blocks"));
+  for (const std::vector<int64_t>& bad : {std::vector<int64_t>{0}, {5}, {}, {1, 1}})
+    EXPECT_THROW(a->set_step_state(bad), OptionError);
+  EXPECT_EQ(a->active_blocks(), 2);
+
+  auto lora = find_algorithm("lora").create(LayerSpec::linear(6, 8), AdapterOptions().algo("lora").rank(2));
+  EXPECT_TRUE(lora->step_state().empty());
+  EXPECT_NO_THROW(lora->set_step_state({}));
+  EXPECT_THROW(lora->set_step_state({1}), OptionError);
+}
+
 TEST(DyLoRASchedule, SavedAtAChosenRankIsTheTrainedSubModel) {
   torch::manual_seed(6);
   const auto l = LayerSpec::conv(4, 8, {3, 3}, {1, 1}, {1, 1});

@@ -28,6 +28,8 @@ class DyLoRAImpl : public LowRankAdapter {
   // 1 ≤ n ≤ nb.
   void set_active_blocks(int64_t n);
   int64_t active_blocks() const { return blocks_; }
+  std::vector<int64_t> step_state() const override { return {blocks_}; }
+  void set_step_state(const std::vector<int64_t>& state) override;
 
   torch::Tensor lora_down, lora_up;
 
