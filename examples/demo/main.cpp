@@ -1,7 +1,7 @@
 // demo: adapt a pretrained model to new classes with every LyCORIS algorithm and compare them.
 //   demo [--quick] [--algo A,B,…] [--out DIR] [--retrain] [--threads N] [--data DIR] [--steps N] [--nproc N]
 // Data-parallel: --nproc N starts N processes of itself; started by torchrun, each process is one rank
-// (torchrun --no-python --nproc-per-node 2 build/examples/demo --quick). See docs/demo.md.
+// (torchrun --no_python --nproc_per_node 2 build/examples/demo --quick). See docs/demo.md.
 #include <CLI/CLI.hpp>
 
 #include <chrono>

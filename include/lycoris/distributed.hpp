@@ -47,12 +47,17 @@ struct Options {
   TORCH_ARG(double, timeout) = 300;
   // Seconds that the ranks wait for each other to start (the rendezvous).
   TORCH_ARG(double, rendezvous_timeout) = 300;
+  // The TCPStore at master_addr:master_port is served by the launcher, not by rank 0: torchrun's agent with
+  // its default (static) rendezvous, which says so with TORCHELASTIC_USE_AGENT_STORE=True. Every rank then
+  // connects as a client, and keeps its keys under the launcher's restart attempt (`restart_count`).
+  TORCH_ARG(bool, launcher_store) = false;
+  TORCH_ARG(int64_t, restart_count) = 0;
 };
 
 // True when the environment holds torchrun's variables (RANK or WORLD_SIZE is set).
 bool launched_from_env();
-// `defaults` overridden by RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (and checked against
-// LOCAL_WORLD_SIZE when set). OptionError naming the variable when one is missing, not a number, or
+// `defaults` overridden by RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT,
+// TORCHELASTIC_USE_AGENT_STORE and TORCHELASTIC_RESTART_COUNT (and checked against LOCAL_WORLD_SIZE when set). OptionError naming the variable when one is missing, not a number, or
 // inconsistent with the others (RANK ≥ WORLD_SIZE, ...). LYCORIS_DIST_TIMEOUT (seconds) sets the timeout of
 // the collectives.
 Options options_from_env(Options defaults = Options());
@@ -106,8 +111,10 @@ int free_loopback_port();
 struct DataParallelOptions {
   // Capacity of one flattened gradient bucket. Buckets hold the parameters in reverse registration order
   // (about the order backward produces their gradients); each one's all-reduce starts as soon as its last
-  // gradient is accumulated, while backward goes on. Smaller buckets overlap more, at more messages.
-  TORCH_ARG(int64_t, bucket_bytes) = 1024 * 1024;
+  // gradient is accumulated, while backward goes on. Smaller buckets overlap more, at more messages. The
+  // default is PyTorch DDP's (25 MiB): with CPU ranks that each own one core, the all-reduces compete with
+  // backward for that core, and fewer, larger ones measured faster (docs/training.md#distributed).
+  TORCH_ARG(int64_t, bucket_bytes) = 25 * 1024 * 1024;
 };
 
 // What the gradient all-reduces cost since construction (or reset_stats()).

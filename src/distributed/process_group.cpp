@@ -76,15 +76,21 @@ c10::intrusive_ptr<c10d::Store> connect_store(const Options& o, std::chrono::mil
   if (o.world_size() == 1) return c10::make_intrusive<c10d::HashStore>();
   c10d::TCPStoreOptions so;
   so.port = static_cast<uint16_t>(o.master_port());
-  so.isServer = o.rank() == 0;
+  so.isServer = o.rank() == 0 && !o.launcher_store();
   so.numWorkers = static_cast<size_t>(o.world_size());
   so.waitWorkers = false;  // the Gloo rendezvous waits for everyone, with a message
   so.timeout = timeout;
   const std::string where = o.master_addr() + ":" + std::to_string(o.master_port());
   try {
-    return c10::make_intrusive<c10d::TCPStore>(o.master_addr(), so);
+    auto store = c10::make_intrusive<c10d::TCPStore>(o.master_addr(), so);
+    if (!o.launcher_store()) return store;
+    // the launcher's store outlives a restart of the workers: each attempt keeps to its own keys (as torch)
+    return c10::make_intrusive<c10d::PrefixStore>("/worker/attempt_" + std::to_string(o.restart_count()), store);
   } catch (const std::exception& e) {
     const std::string why = reason_of(e);
+    if (o.launcher_store())
+      throw DistributedError("distributed: rank " + std::to_string(o.rank()) + " cannot reach the launcher's rendezvous store at " +
+                             where + " (TORCHELASTIC_USE_AGENT_STORE=True): " + why);
     if (o.rank() == 0 && why.find("ddress already in use") != std::string::npos)
       throw DistributedError("distributed: rank 0 cannot serve the rendezvous on " + where +
                              ": the port is already in use (another job? set another MASTER_PORT)");
@@ -173,6 +179,13 @@ Options options_from_env(Options o) {
   o.master_port(env_integer("MASTER_PORT", o.master_port(), several));
   if (o.master_port() < 1 || o.master_port() > 65535)
     throw OptionError("environment variable MASTER_PORT=" + std::to_string(o.master_port()) + " is not in 1…65535");
+  if (const char* agent = std::getenv("TORCHELASTIC_USE_AGENT_STORE")) {
+    if (std::string(agent) != "True" && std::string(agent) != "False")
+      throw OptionError("environment variable TORCHELASTIC_USE_AGENT_STORE='" + escape_control(agent) +
+                        "' is neither True nor False");
+    o.launcher_store(std::string(agent) == "True");
+  }
+  o.restart_count(env_integer("TORCHELASTIC_RESTART_COUNT", o.restart_count(), false));
   if (const char* t = std::getenv("LYCORIS_DIST_TIMEOUT")) {
     char* end = nullptr;
     const double s = std::strtod(t, &end);

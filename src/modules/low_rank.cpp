@@ -84,8 +84,27 @@ void LowRankAdapter::init_dora(const torch::Tensor& W) {
   dora_ready_ = true;
 }
 
+// The kernels pass m·scale to torch as a scalar of the compute dtype: one that float32 cannot hold takes the
+// generic path (ΔW overflows to Inf, reported as NaN/Inf) instead of torch refusing the scalar.
+bool LowRankAdapter::kernel_scalar_fits(double m, caffe2::TypeMeta dtype) const {
+  const double c = m * scale();
+  return !(std::isfinite(c) && dtype == torch::kFloat32 && std::abs(c) > std::numeric_limits<float>::max());
+}
+
 torch::Tensor LowRankAdapter::merged(const torch::Tensor& W, double m) {
   if (dora_scale.defined() && !dora_ready_) init_dora(W);
+  // W' = W + m·ΔW in one fused pass where the subclass's merge kernel is differentiable (LoRA: one addmm).
+  // The generic form writes ΔW, then s·ΔW, m·ΔW and W + m·ΔW, and backward scales dW' twice: four
+  // weight-sized passes per layer and step that this skips. The same arithmetic as merge, bit for bit.
+  if (!dora_scale.defined() && delta_kernel_differentiable() && W.dim() >= 2 &&
+      F::compute_dtype(W) == W.scalar_type() && kernel_scalar_fits(m, W.dtype()) &&
+      !(is_training() && options_.rank_dropout() > 0)) {
+    if (auto kernel = delta_kernel(m, W.options(), W.sizes())) {
+      auto out = F::flat(W).clone();
+      kernel->add(out, 0, out.size(0));
+      return out.view(W.sizes());
+    }
+  }
   return F::merge_delta(W, diff_weight(), m, dora_scale);
 }
 
@@ -111,11 +130,7 @@ torch::Tensor LowRankAdapter::bypass_forward(const torch::Tensor& x, const torch
 std::unique_ptr<RowKernel> LowRankAdapter::row_kernel(double m, const torch::TensorOptions& opts,
                                                       torch::IntArrayRef shape) const {
   if (is_training() || shape.size() < 2 || !dora_ready_) return nullptr;
-  // the kernels pass m·scale to torch as a scalar of the compute dtype: one that float32 cannot hold takes
-  // the generic path (ΔW overflows to Inf, reported as NaN/Inf) instead of torch refusing the scalar
-  const double c = m * scale();
-  if (std::isfinite(c) && opts.dtype() == torch::kFloat32 && std::abs(c) > std::numeric_limits<float>::max())
-    return nullptr;
+  if (!kernel_scalar_fits(m, opts.dtype())) return nullptr;
   if (!dora_scale.defined()) return delta_kernel(m, opts, shape);
   auto k = delta_kernel(1.0, opts, shape);
   if (!k) return nullptr;

@@ -12,6 +12,9 @@
 #include <map>
 #include <optional>
 
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
 #include "lycoris/distributed.hpp"
 #include "test_util.hpp"
 
@@ -31,8 +34,8 @@ struct RankRun {
 // Starts `world` workers with torchrun's variables and waits for all of them (each killed after
 // `timeout_seconds`; the processes are killed and reaped even when this throws).
 RankRun run_ranks(int world, const std::string& args, double dist_timeout = 30, double timeout_seconds = 90,
-                  int stopped_rank = -1) {
-  const int port = dist::free_loopback_port();
+                  int stopped_rank = -1, const std::vector<std::string>& extra_env = {}, int port = 0) {
+  if (port == 0) port = dist::free_loopback_port();
   std::vector<std::unique_ptr<CliProcess>> procs;
   const auto start = std::chrono::steady_clock::now();
   for (int r = 0; r < world; ++r) {
@@ -47,6 +50,7 @@ RankRun run_ranks(int world, const std::string& args, double dist_timeout = 30, 
              "MASTER_PORT=" + std::to_string(port),
              "LYCORIS_DIST_TIMEOUT=" + std::to_string(dist_timeout),
              "OMP_NUM_THREADS=1"};
+    o.env.insert(o.env.end(), extra_env.begin(), extra_env.end());
     procs.push_back(std::make_unique<CliProcess>(with_words({}, args), o));
   }
   RankRun run;
@@ -223,7 +227,9 @@ std::string env_error(const std::map<std::string, std::optional<std::string>>& v
                                                         {"LOCAL_WORLD_SIZE", std::nullopt},
                                                         {"MASTER_ADDR", std::nullopt},
                                                         {"MASTER_PORT", std::nullopt},
-                                                        {"LYCORIS_DIST_TIMEOUT", std::nullopt}};
+                                                        {"LYCORIS_DIST_TIMEOUT", std::nullopt},
+                                                        {"TORCHELASTIC_USE_AGENT_STORE", std::nullopt},
+                                                        {"TORCHELASTIC_RESTART_COUNT", std::nullopt}};
   for (const auto& [k, v] : values) all[k] = v;
   ScopedEnv env(all);
   try {
@@ -258,6 +264,12 @@ TEST(Distributed, EnvironmentErrorsNameTheVariable) {
   EXPECT_NE(env_error({{"WORLD_SIZE", "1"}, {"RANK", "0"}, {"LYCORIS_DIST_TIMEOUT", "soon"}})
                 .find("LYCORIS_DIST_TIMEOUT='soon'"),
             std::string::npos);
+  EXPECT_NE(env_error({{"WORLD_SIZE", "1"}, {"RANK", "0"}, {"TORCHELASTIC_USE_AGENT_STORE", "yes"}})
+                .find("TORCHELASTIC_USE_AGENT_STORE='yes' is neither True nor False"),
+            std::string::npos);
+  EXPECT_NE(env_error({{"WORLD_SIZE", "1"}, {"RANK", "0"}, {"TORCHELASTIC_RESTART_COUNT", "-1"}})
+                .find("TORCHELASTIC_RESTART_COUNT='-1' is not a non-negative integer"),
+            std::string::npos);
   // a complete environment parses; one process needs no address
   EXPECT_EQ(env_error({{"WORLD_SIZE", "1"}, {"RANK", "0"}}), "");
   ScopedEnv env({{"WORLD_SIZE", "3"},
@@ -266,14 +278,44 @@ TEST(Distributed, EnvironmentErrorsNameTheVariable) {
                  {"MASTER_ADDR", "node0"},
                  {"MASTER_PORT", "29511"},
                  {"LOCAL_WORLD_SIZE", std::nullopt},
-                 {"LYCORIS_DIST_TIMEOUT", "7.5"}});
+                 {"LYCORIS_DIST_TIMEOUT", "7.5"},
+                 {"TORCHELASTIC_USE_AGENT_STORE", "True"},
+                 {"TORCHELASTIC_RESTART_COUNT", "2"}});
   const auto o = dist::options_from_env();
+  EXPECT_TRUE(o.launcher_store());
+  EXPECT_EQ(o.restart_count(), 2);
   EXPECT_EQ(o.world_size(), 3);
   EXPECT_EQ(o.rank(), 2);
   EXPECT_EQ(o.local_rank(), 0);
   EXPECT_EQ(o.master_addr(), "node0");
   EXPECT_EQ(o.master_port(), 29511);
   EXPECT_EQ(o.timeout(), 7.5);
+}
+
+// torchrun's default (static) rendezvous: its agent serves the TCPStore on MASTER_PORT before the workers
+// start, and says so with TORCHELASTIC_USE_AGENT_STORE=True. Rank 0 must connect to it, not serve it (that
+// would be "port in use"), under the key prefix of the launcher's restart attempt.
+TEST(Distributed, RanksJoinTheLaunchersStoreAsTorchrunsAgentServesIt) {
+  const auto dir = temp_dir("dist_agent");
+  const int port = dist::free_loopback_port();
+  c10d::TCPStoreOptions so;
+  so.port = static_cast<uint16_t>(port);
+  so.isServer = true;
+  so.waitWorkers = false;
+  c10d::TCPStore agent("127.0.0.1", so);
+  const auto run = run_ranks(2, "--algos lora --steps 3 --out " + dir + "/agent", 30, 90, -1,
+                             {"TORCHELASTIC_USE_AGENT_STORE=True", "TORCHELASTIC_RESTART_COUNT=1"}, port);
+  for (const auto& r : run.results) ASSERT_EQ(r.code, 0) << report(run);
+  const auto a = load(dir + "/agent", "lora", 0), b = load(dir + "/agent", "lora", 1);
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(torch::equal(a[i], b[i])) << "tensor " << i;
+  // this attempt's ranks arrived under their own prefix
+  c10d::PrefixStore attempt("/worker/attempt_1", c10::make_intrusive<c10d::TCPStore>("127.0.0.1", [&] {
+                              auto c = so;
+                              c.isServer = false;
+                              return c;
+                            }()));
+  EXPECT_TRUE(attempt.check({"lycoris/arrived/0", "lycoris/arrived/1"}));
 }
 
 TEST(Distributed, PortInUseIsNamed) {

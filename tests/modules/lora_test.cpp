@@ -92,6 +92,39 @@ TEST(LoRA, ConvDeltaIsTheFormula) {
   }
 }
 
+// W' = W + m·s·up·down is built by one addmm (the merge kernel, differentiable) instead of ΔW and three
+// weight-sized passes: the same values as the formula, the same bits as merge, the same gradients.
+TEST(LoRA, AdaptedWeightIsTheMergeKernelBitForBitWithTheFormulasGradients) {
+  torch::manual_seed(5);
+  const auto l = LayerSpec::conv(6, 8, {3, 3}, {1, 1}, {1, 1});
+  auto a = std::dynamic_pointer_cast<LoRAImpl>(lora_algorithm().create(l, AdapterOptions().algo("lora").rank(3).alpha(2)));
+  ASSERT_TRUE(a);
+  test::randomize(*a);
+  a->train();
+  const auto W = torch::randn({8, 6, 3, 3});
+  const double m = 0.7, s = 2.0 / 3;
+  const auto G = torch::randn({8, 6, 3, 3});
+  auto fused = a->apply_weight(W, m);
+  (fused * G).sum().backward();
+  const auto g_up = a->lora_up.grad().clone(), g_down = a->lora_down.grad().clone();
+  a->lora_up.mutable_grad().zero_();
+  a->lora_down.mutable_grad().zero_();
+  auto formula = W + m * s * torch::matmul(a->lora_up.flatten(1), a->lora_down.flatten(1)).view(W.sizes());
+  (formula * G).sum().backward();
+  EXPECT_TRUE(test::all_close(fused, formula, 1e-6, 1e-6, "W'"));
+  EXPECT_TRUE(test::all_close(g_up, a->lora_up.grad(), 1e-5, 1e-6, "d up"));
+  EXPECT_TRUE(test::all_close(g_down, a->lora_down.grad(), 1e-5, 1e-6, "d down"));
+  // merge writes W + m·ΔW with its row kernel: the same bits
+  a->eval();
+  auto kernel = a->row_kernel(m, W.options(), W.sizes());
+  ASSERT_TRUE(kernel);
+  auto merged = W.clone().view({8, -1});
+  kernel->apply(merged, 0, 8);
+  torch::NoGradGuard no_grad;
+  EXPECT_TRUE(torch::equal(a->apply_weight(W, m), merged.view(W.sizes())));
+  EXPECT_TRUE(torch::equal(fused.detach(), merged.view(W.sizes())));
+}
+
 TEST(LoRA, GenericChecksOfEveryVariant) {
   const auto o = AdapterOptions().algo("lora").rank(2).alpha(1.5);
   test::expect_generic_adapter(lora_algorithm(), {{"plain", o},

@@ -34,6 +34,7 @@ class LoRAImpl : public LowRankAdapter {
   // W[r0:r1] += c·up[r0:r1]·down (one addmm per chunk, c = m·s) + m·sparse[r0:r1]; not with Tucker.
   std::unique_ptr<RowKernel> delta_kernel(double m, const torch::TensorOptions& compute,
                                           torch::IntArrayRef shape) const override;
+  bool delta_kernel_differentiable() const override { return true; }
 
  private:
   void setup(functional::lora::Weights w, torch::Tensor dora_scale);

@@ -55,6 +55,11 @@ class LowRankAdapter : public AdapterImpl {
                                                   torch::IntArrayRef shape) const {
     return nullptr;
   }
+  // True when delta_kernel is built from differentiable torch ops (no out= buffers): training then builds
+  // W' with it (merged()).
+  virtual bool delta_kernel_differentiable() const { return false; }
+  // m·scale() is representable in `dtype` (the kernels pass it to torch as a scalar of that type).
+  bool kernel_scalar_fits(double m, caffe2::TypeMeta dtype) const;
   // Every defined tensor of `factors` is in `compute`'s dtype and on its device.
   static bool in_compute(const torch::TensorOptions& compute, std::initializer_list<torch::Tensor> factors);
   // Registers `scalar` (per options().use_scalar()) and `dora_scale`: `loaded` when given, else fresh
