@@ -5,9 +5,8 @@
 // process pinned to its own core). The configurations run interleaved for --rounds rounds and each row is
 // the median round. Reports step time, steps/s, speed-up over 1 × 1, the gradient bytes all-reduced per
 // step against a full-model DDP of the same model, and the all-reduce time not hidden behind backward.
-// Spawns its own processes (itself, with torchrun's environment variables); every process runs BLAS in its
-// torch threads (OPENBLAS_NUM_THREADS=1: the pthreads OpenBLAS's own pool on top of two torch threads
-// oversubscribes two cores, docs/training.md#distributed). The load average is printed with the numbers.
+// Spawns its own processes (itself, with torchrun's environment variables), each setting its threads with
+// lycoris::set_num_threads (docs/training.md#threads). The load average is printed with the numbers.
 //   ./build/bench/dist_bench [--algo lora] [--batch 8] [--steps 30] [--warmup 5] [--bucket-kb KB]
 //                            [--rounds 3] [--mode both|rebuild|bypass]
 #include <sched.h>
@@ -30,6 +29,7 @@
 #include "lycoris/network.hpp"
 #include "lycoris/nn/layers.hpp"
 #include "lycoris/text.hpp"
+#include "lycoris/threads.hpp"
 
 namespace {
 
@@ -126,7 +126,7 @@ Measure spawn(char** argv, int argc, const std::string& mode, int procs, int thr
   const int code = dist::launch_local(
       procs, std::vector<std::string>(argv, argv + argc),
       {"LYCORIS_BENCH_THREADS=" + std::to_string(threads), "OMP_NUM_THREADS=" + std::to_string(threads),
-       "OPENBLAS_NUM_THREADS=1", "LYCORIS_BENCH_MODE=" + mode, "LYCORIS_BENCH_RESULT=" + result,
+       "LYCORIS_BENCH_MODE=" + mode, "LYCORIS_BENCH_RESULT=" + result,
        std::string("LYCORIS_BENCH_PIN=") + (pin ? "1" : "0")});
   std::ifstream in(result);
   Measure m;
@@ -149,7 +149,7 @@ int main(int argc, char** argv) {
   try {
     const Config c = parse(argc, argv);
     if (const char* threads = std::getenv("LYCORIS_BENCH_THREADS")) {  // a child
-      torch::set_num_threads(std::atoi(threads));
+      lycoris::set_num_threads(std::atoi(threads));
       if (std::string(std::getenv("LYCORIS_BENCH_PIN")) == "1") {  // rank r on core r
         cpu_set_t set;
         CPU_ZERO(&set);
@@ -197,8 +197,13 @@ int main(int argc, char** argv) {
       std::printf(
           "2 x 1 step time / 1 x 1: %.2f (goal <= 0.60); unhidden all-reduce: %.1f%% of the step (goal <= 10%%)\n",
           two_procs.step_ms / one.step_ms, 100 * two_procs.exposed_ms / two_procs.step_ms);
+      // each round's two runs are close in time: their ratio cancels the machine's drift between rounds
+      std::vector<double> ratios;
+      for (size_t r = 0; r < ones.size(); ++r) ratios.push_back(twos_procs[r].step_ms / ones[r].step_ms);
       std::printf("per round, 2 x 1 / 1 x 1:");
-      for (size_t r = 0; r < ones.size(); ++r) std::printf(" %.2f", twos_procs[r].step_ms / ones[r].step_ms);
+      for (double q : ratios) std::printf(" %.2f", q);
+      std::sort(ratios.begin(), ratios.end());
+      std::printf(" (median %.2f)", ratios[ratios.size() / 2]);
       std::printf("\nall-reduced per step: %.2f MB of adapter gradients; a full-model DDP of this model: %.2f MB (%.1fx)\n",
                   static_cast<double>(two_procs.bytes_per_step) / 1e6, static_cast<double>(two_procs.full_bytes) / 1e6,
                   static_cast<double>(two_procs.full_bytes) /

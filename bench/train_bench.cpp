@@ -1,7 +1,7 @@
 // Train-step time (forward + backward + AdamW step + the per-step weight refresh) per algorithm on one fixed
 // model: 4 blocks of Conv2d 3×3 at 320 channels, then 4 blocks of q/k/v/out/ff Linear at 320 (batch 4,
 // 8×8 spatial = 64 tokens), in rebuild mode (unmodified torch layers) and bypass mode (drop-in
-// lycoris::nn layers), against the same model without adapters. torch::set_num_threads(2).
+// lycoris::nn layers), against the same model without adapters. lycoris::set_num_threads(2).
 //   ./build/bench/train_bench [--benchmark_filter=lokr]
 #include <benchmark/benchmark.h>
 #include <torch/torch.h>
@@ -9,6 +9,7 @@
 #include "bench_model.hpp"
 #include "lycoris/network.hpp"
 #include "lycoris/nn/layers.hpp"
+#include "lycoris/threads.hpp"
 
 namespace {
 
@@ -80,7 +81,7 @@ void register_all() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  torch::set_num_threads(2);  // deliberately fixed: comparable numbers on any machine
+  lycoris::set_num_threads(2);  // deliberately fixed: comparable numbers on any machine
   register_all();
   benchmark::Initialize(&argc, argv);
   benchmark::RunSpecifiedBenchmarks();

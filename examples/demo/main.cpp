@@ -11,6 +11,7 @@
 
 #include "demo.hpp"
 #include "lycoris/error.hpp"
+#include "lycoris/threads.hpp"
 
 namespace demo = lycoris::demo;
 
@@ -31,7 +32,7 @@ struct Settings {
 void run(const Settings& s, const lycoris::distributed::ProcessGroupPtr& group) {
   const auto t0 = std::chrono::steady_clock::now();
   const bool leader = !group || group->rank() == 0;
-  torch::set_num_threads(s.threads);  // deliberate: the timings in the table depend on it
+  lycoris::set_num_threads(s.threads);  // deliberate: the timings in the table depend on it
   const auto specs = demo::select_algos(s.algos);
   std::filesystem::create_directories(s.out);
 

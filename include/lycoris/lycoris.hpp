@@ -14,6 +14,7 @@
 #include "lycoris/nn/layers.hpp"
 #include "lycoris/options.hpp"
 #include "lycoris/preset.hpp"
+#include "lycoris/threads.hpp"
 #include "lycoris/tools/extract.hpp"
 #include "lycoris/tools/merge.hpp"
 #include "lycoris/tools/resize.hpp"
