@@ -1,7 +1,7 @@
 // Data-parallel adapter training on libtorch's distributed engine, c10d (docs/training.md#distributed).
 // No networking of our own: ProcessGroupGloo on CPU, ProcessGroupNCCL when libtorch has CUDA, the TCPStore
 // rendezvous and PyTorch's environment convention (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT),
-// so `torchrun --no-python --nproc-per-node N program` (or Slurm / mpirun setting those) starts programs as is.
+// so `torchrun --no_python --nproc_per_node N program` (or Slurm / mpirun setting those) starts programs as is.
 //
 //   auto group = lycoris::distributed::init_from_env();      // one process of WORLD_SIZE
 //   auto net = lycoris::create_lycoris(model, opts);  net->apply_to();
