@@ -204,7 +204,8 @@ int main(int argc, char** argv) {
       for (double q : ratios) std::printf(" %.2f", q);
       std::sort(ratios.begin(), ratios.end());
       std::printf(" (median %.2f)", ratios[ratios.size() / 2]);
-      std::printf("\nall-reduced per step: %.2f MB of adapter gradients; a full-model DDP of this model: %.2f MB (%.1fx)\n",
+      std::printf("\nall-reduced per step: %.2f MB of adapter gradients; "
+                  "a full-model DDP of this model: %.2f MB (%.1fx)\n",
                   static_cast<double>(two_procs.bytes_per_step) / 1e6, static_cast<double>(two_procs.full_bytes) / 1e6,
                   static_cast<double>(two_procs.full_bytes) /
                       static_cast<double>(std::max<int64_t>(1, two_procs.bytes_per_step)));

@@ -56,9 +56,9 @@ struct Options {
 
 // True when the environment holds torchrun's variables (RANK or WORLD_SIZE is set).
 bool launched_from_env();
-// `defaults` overridden by RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT,
-// TORCHELASTIC_USE_AGENT_STORE and TORCHELASTIC_RESTART_COUNT (and checked against LOCAL_WORLD_SIZE when set). OptionError naming the variable when one is missing, not a number, or
-// inconsistent with the others (RANK ≥ WORLD_SIZE, ...). LYCORIS_DIST_TIMEOUT (seconds) sets the timeout of
+// `defaults` overridden by RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT, TORCHELASTIC_USE_AGENT_STORE
+// and TORCHELASTIC_RESTART_COUNT (and checked against LOCAL_WORLD_SIZE when set). OptionError naming the
+// variable when one is missing, not a number, or inconsistent with the others (RANK ≥ WORLD_SIZE, ...). LYCORIS_DIST_TIMEOUT (seconds) sets the timeout of
 // the collectives.
 Options options_from_env(Options defaults = Options());
 

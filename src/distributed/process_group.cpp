@@ -89,8 +89,9 @@ c10::intrusive_ptr<c10d::Store> connect_store(const Options& o, std::chrono::mil
   } catch (const std::exception& e) {
     const std::string why = reason_of(e);
     if (o.launcher_store())
-      throw DistributedError("distributed: rank " + std::to_string(o.rank()) + " cannot reach the launcher's rendezvous store at " +
-                             where + " (TORCHELASTIC_USE_AGENT_STORE=True): " + why);
+      throw DistributedError("distributed: rank " + std::to_string(o.rank()) +
+                             " cannot reach the launcher's rendezvous store at " + where +
+                             " (TORCHELASTIC_USE_AGENT_STORE=True): " + why);
     if (o.rank() == 0 && why.find("ddress already in use") != std::string::npos)
       throw DistributedError("distributed: rank 0 cannot serve the rendezvous on " + where +
                              ": the port is already in use (another job? set another MASTER_PORT)");
@@ -179,11 +180,12 @@ Options options_from_env(Options o) {
   o.master_port(env_integer("MASTER_PORT", o.master_port(), several));
   if (o.master_port() < 1 || o.master_port() > 65535)
     throw OptionError("environment variable MASTER_PORT=" + std::to_string(o.master_port()) + " is not in 1…65535");
-  if (const char* agent = std::getenv("TORCHELASTIC_USE_AGENT_STORE")) {
-    if (std::string(agent) != "True" && std::string(agent) != "False")
+  if (const char* text = std::getenv("TORCHELASTIC_USE_AGENT_STORE")) {
+    const std::string agent = text;
+    if (agent != "True" && agent != "False")
       throw OptionError("environment variable TORCHELASTIC_USE_AGENT_STORE='" + escape_control(agent) +
                         "' is neither True nor False");
-    o.launcher_store(std::string(agent) == "True");
+    o.launcher_store(agent == "True");
   }
   o.restart_count(env_integer("TORCHELASTIC_RESTART_COUNT", o.restart_count(), false));
   if (const char* t = std::getenv("LYCORIS_DIST_TIMEOUT")) {

@@ -97,7 +97,8 @@ TEST(LoRA, ConvDeltaIsTheFormula) {
 TEST(LoRA, AdaptedWeightIsTheMergeKernelBitForBitWithTheFormulasGradients) {
   torch::manual_seed(5);
   const auto l = LayerSpec::conv(6, 8, {3, 3}, {1, 1}, {1, 1});
-  auto a = std::dynamic_pointer_cast<LoRAImpl>(lora_algorithm().create(l, AdapterOptions().algo("lora").rank(3).alpha(2)));
+  auto a = std::dynamic_pointer_cast<LoRAImpl>(
+      lora_algorithm().create(l, AdapterOptions().algo("lora").rank(3).alpha(2)));
   ASSERT_TRUE(a);
   test::randomize(*a);
   a->train();
